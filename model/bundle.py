@@ -108,7 +108,7 @@ def library_versions() -> dict[str, str]:
 
 
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:

@@ -57,7 +57,9 @@ def ensure_default_model(path: str | os.PathLike[str] = DEFAULT_PATH, arch: str 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Write the offline ImageNet default model bundle.")
     p.add_argument("--out", default=str(DEFAULT_PATH), help="bundle path to write (default: %(default)s)")
-    p.add_argument("--arch", default="efficientnet_lite0", choices=LITE_ARCHS, help="which Lite model (default: %(default)s)")
+    p.add_argument(
+        "--arch", default="efficientnet_lite0", choices=LITE_ARCHS, help="which Lite model (default: %(default)s)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing file (default: keep it)")
     return p
 

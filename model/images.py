@@ -69,7 +69,8 @@ def decode_image(
             raise ImageDecodeError("corrupt_image", "the image has no pixels")
         if width * height > max_pixels:
             raise ImageDecodeError(
-                "too_many_pixels", f"the image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
+                "too_many_pixels",
+                f"the image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}",
             )
         try:
             if getattr(img, "n_frames", 1) > 1:

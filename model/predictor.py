@@ -131,9 +131,9 @@ class Predictor:
         return [
             [
                 {"label": self.class_names[i], "index": i, "score": round(float(s), 6)}
-                for s, i in zip(row_scores.tolist(), row_indices.tolist())
+                for s, i in zip(row_scores.tolist(), row_indices.tolist(), strict=True)
             ]
-            for row_scores, row_indices in zip(scores, indices)
+            for row_scores, row_indices in zip(scores, indices, strict=True)
         ]
 
     def predict(self, images: Sequence[Image.Image], top_k: int = 3) -> list[list[dict[str, Any]]]:

@@ -115,7 +115,9 @@ def build_train_transform(prep: Mapping[str, Any], aug: TrainAugment) -> v2.Comp
     steps: list[Callable[..., Any]] = [ToModelMode(prep["channels"])]
     crop = aug.resolved_crop(prep)
     if crop == "random-resized":
-        steps.append(v2.RandomResizedCrop(prep["crop"], scale=(aug.min_scale, 1.0), interpolation=interp, antialias=True))
+        steps.append(
+            v2.RandomResizedCrop(prep["crop"], scale=(aug.min_scale, 1.0), interpolation=interp, antialias=True)
+        )
     else:
         steps += [v2.Resize(prep["resize"], interpolation=interp, antialias=True), v2.CenterCrop(prep["crop"])]
         if crop == "pad" and aug.pad > 0:
