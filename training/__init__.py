@@ -1,0 +1,1 @@
+"""Thin training CLIs over the model core: prepare data, train, evaluate, predict."""

@@ -1,0 +1,158 @@
+"""One epoch of training and one pass of evaluation; the CLI in training.train composes them."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    top1: float
+    top5: float | None = None
+    samples: int = 0
+
+
+def _topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> int:
+    k = min(k, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return int((top == targets.unsqueeze(1)).any(dim=1).sum())
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    device: torch.device,
+    *,
+    step_scheduler: Any | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
+    batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    clip_grad: float = 0.0,
+    channels_last: bool = False,
+    progress: bool = True,
+    description: str = "train",
+    freeze_norm: bool = False,
+) -> EpochResult:
+    """Train for one pass over ``loader``; accuracy counts hard labels (before MixUp/CutMix).
+
+    ``freeze_norm``: norm layers whose parameters are frozen keep their running statistics (feature
+    extraction must not drift the backbone through BatchNorm either).
+    """
+    model.train()
+    if freeze_norm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()
+            ):
+                module.eval()
+    total_loss = 0.0
+    correct = 0
+    seen = 0
+    use_amp = scaler is not None and device.type == "cuda"
+    bar = tqdm(loader, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
+    for images, targets in bar:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        hard_targets = targets
+        if batch_transform is not None:
+            images, targets = batch_transform(images, targets)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            logits = model(images)
+            loss = criterion(logits, targets)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()}; lower the learning rate or enable --clip-grad")
+        optimizer.zero_grad(set_to_none=True)
+        if use_amp:
+            scaler.scale(loss).backward()
+            if clip_grad > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip_grad > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+        if step_scheduler is not None:
+            step_scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        n = images.shape[0]
+        total_loss += loss.item() * n
+        correct += int((logits.argmax(1) == hard_targets).sum())
+        seen += n
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+    bar.close()
+    return EpochResult(loss=total_loss / max(seen, 1), top1=correct / max(seen, 1), samples=seen)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    *,
+    num_classes: int,
+    channels_last: bool = False,
+    progress: bool = False,
+    description: str = "eval",
+) -> tuple[EpochResult, torch.Tensor]:
+    """Loss, top-1, top-5 and the confusion matrix (rows: true class, columns: predicted)."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    total_loss = 0.0
+    top1 = 0
+    top5 = 0
+    seen = 0
+    for images, targets in tqdm(loader, desc=description, disable=not progress, leave=False, dynamic_ncols=True):
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        logits = model(images).float()
+        total_loss += float(criterion(logits, targets))
+        top1 += _topk_correct(logits, targets, 1)
+        top5 += _topk_correct(logits, targets, 5)
+        seen += images.shape[0]
+        preds = logits.argmax(1).cpu()
+        confusion.index_put_((targets.cpu(), preds), torch.ones_like(preds), accumulate=True)
+    seen = max(seen, 1)
+    return EpochResult(loss=total_loss / seen, top1=top1 / seen, top5=top5 / seen, samples=seen), confusion
+
+
+def per_class_metrics(confusion: torch.Tensor, class_names: list[str]) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support of each class from a confusion matrix."""
+    c = confusion.double()
+    tp = c.diag()
+    predicted = c.sum(0)
+    actual = c.sum(1)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
+    return {
+        name: {
+            "precision": round(float(precision[i]), 6),
+            "recall": round(float(recall[i]), 6),
+            "f1": round(float(f1[i]), 6),
+            "support": int(actual[i]),
+        }
+        for i, name in enumerate(class_names)
+    }

@@ -1,0 +1,135 @@
+"""Evaluate a bundle on a labelled folder: top-1/top-5, per-class precision/recall/F1, confusion matrix.
+
+    python -m training.evaluate --bundle runs/x/best.pth --data data/fashion-mnist [--split test] [--out DIR]
+
+Writes ``metrics.json``, ``confusion.json`` and ``confusion.png`` to ``--out`` (default: next to the
+bundle, in ``eval-<split>/``). The images go through the bundle's own eval transform.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from model.bundle import load_bundle
+from model.predictor import configure_threads, resolve_device
+from model.transforms import build_eval_transform
+from training.data import VAL_NAMES, ImageListDataset, Sample, scan_any
+from training.engine import evaluate, per_class_metrics
+from training.plots import plot_confusion
+
+logger = logging.getLogger("training.evaluate")
+
+
+def write_report(
+    model: nn.Module,
+    bundle: Mapping[str, Any],
+    samples: Sequence[Sample],
+    out: Path,
+    *,
+    device: torch.device,
+    batch_size: int = 128,
+    workers: int = 0,
+    split: str = "test",
+) -> dict[str, Any]:
+    """Evaluate ``samples`` (labels indexed like the bundle's classes) and write the report files."""
+    class_names = list(bundle["class_names"])
+    dataset = ImageListDataset(samples, build_eval_transform(bundle["preprocessing"]))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    result, confusion = evaluate(model, loader, device, num_classes=len(class_names))
+    per_class = per_class_metrics(confusion, class_names)
+    f1s = [m["f1"] for m in per_class.values() if m["support"]]
+    metrics = {
+        "split": split,
+        "samples": result.samples,
+        "top1": round(result.top1, 6),
+        "top5": round(result.top5 or 0.0, 6),
+        "loss": round(result.loss, 6),
+        "macro_f1": round(sum(f1s) / len(f1s), 6) if f1s else 0.0,
+        "per_class": per_class,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "confusion.json").write_text(
+        json.dumps({"class_names": class_names, "matrix": confusion.tolist()}, indent=None)
+    )
+    plot_confusion(confusion.tolist(), class_names, out / "confusion.png")
+    return metrics
+
+
+def pick_split_dir(root: Path, split: str) -> tuple[Path, str]:
+    if split == "auto":
+        for name in ("test", *VAL_NAMES):
+            if (root / name).is_dir():
+                return root / name, name
+        return root, "all"
+    names = VAL_NAMES if split == "val" else (split,)
+    for name in names:
+        if (root / name).is_dir():
+            return root / name, split
+    if split == "all":
+        return root, "all"
+    raise SystemExit(f"{root}: no '{split}' folder")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate a bundle on a labelled image folder.")
+    p.add_argument("--bundle", required=True, help="bundle (.pth) to evaluate")
+    p.add_argument("--data", required=True, help="labelled folder (ImageFolder or with train/val/test)")
+    p.add_argument(
+        "--split",
+        default="auto",
+        choices=("auto", "test", "val", "train", "all"),
+        help="which part of --data (default: %(default)s = test, else val, else the whole folder)",
+    )
+    p.add_argument("--out", default=None, help="report folder (default: <bundle folder>/eval-<split>)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: %(default)s)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable CPUs)")
+    return p
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    configure_threads(args.threads)
+    bundle, model = load_bundle(args.bundle)
+    folder, split = pick_split_dir(Path(args.data), args.split)
+    _, samples = scan_any(folder, bundle["class_names"])
+    if not samples:
+        raise SystemExit(f"{folder}: no labelled images")
+    out = Path(args.out) if args.out else Path(args.bundle).parent / f"eval-{split}"
+    metrics = write_report(
+        model.to(device),
+        bundle,
+        samples,
+        out,
+        device=device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        split=split,
+    )
+    logger.info(
+        "%s on %s (%d images): top-1 %.4f  top-5 %.4f  macro-F1 %.4f; report in %s",
+        args.bundle,
+        folder,
+        metrics["samples"],
+        metrics["top1"],
+        metrics["top5"],
+        metrics["macro_f1"],
+        out,
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(get_args_parser().parse_args())
