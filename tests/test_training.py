@@ -1,0 +1,218 @@
+"""Training end to end on tiny real Fashion-MNIST subsets: layouts, transfer learning, resume, torchrun, CLIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.bundle import load_bundle, read_bundle
+from tests.conftest import ROOT
+from training import evaluate, predict, prepare_fashion_mnist, train
+
+FAST = ["--epochs", "1", "--batch-size", "16", "--quiet", "--workers", "0", "--seed", "1"]
+
+
+def run_train(*argv: str) -> dict:
+    return train.main(train.get_args_parser().parse_args(list(argv)))
+
+
+def _check_run(out: Path, classes: list[str]) -> dict:
+    for name in ("best.pth", "last.pth", "history.json", "args.json", "curves.png", "eval/metrics.json",
+                 "eval/confusion.png", "eval/confusion.json"):  # fmt: skip
+        assert (out / name).is_file(), f"{name} missing"
+    assert list((out / "tb").glob("events.out.tfevents.*")), "no TensorBoard events"
+    bundle, model = load_bundle(out / "best.pth")
+    assert bundle["class_names"] == classes
+    assert bundle["training"]["metrics"]["val_top1"] >= 0
+    assert json.loads((out / "args.json").read_text())["preprocessing"] == bundle["preprocessing"]
+    return bundle
+
+
+def test_prepare_is_idempotent_with_real_class_names(fashion_subset: Path) -> None:
+    classes = sorted(p.name for p in (fashion_subset / "train").iterdir() if p.is_dir())
+    assert classes == sorted(prepare_fashion_mnist.CLASS_NAMES)
+    assert len(list((fashion_subset / "train" / "Bag").glob("*.png"))) == 20
+    again = prepare_fashion_mnist.write_split(
+        prepare_fashion_mnist.DEFAULT_SOURCE, fashion_subset, "train", limit_per_class=20
+    )
+    assert again == 0
+
+
+def test_prepare_names_the_package_when_missing(tmp_path: Path) -> None:
+    args = prepare_fashion_mnist.get_args_parser().parse_args(["--out", str(tmp_path), "--source", str(tmp_path)])
+    with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
+        prepare_fashion_mnist.main(args)
+
+
+def test_train_split_folders_scratch(fashion_subset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run_train("--data", str(fashion_subset), "--out", str(out), *FAST)
+    bundle = _check_run(out, sorted(prepare_fashion_mnist.CLASS_NAMES))
+    prep = bundle["preprocessing"]
+    assert (prep["channels"], prep["crop"], prep["resize"]) == (1, 28, 28)  # grey 28 px data detected
+    assert 0.2 < prep["mean"][0] < 0.4
+    assert result["eval"]["split"] == "test" and result["eval"]["samples"] == 200
+    assert bundle["training"]["data"]["layout"] == "split-folders"
+
+
+def test_train_imagefolder_with_stratified_split(two_class_images, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for name, files in two_class_images.items():
+        (data / name).mkdir(parents=True)
+        for i, f in enumerate(files):
+            shutil.copy(f, data / name / f"{i:03d}.png")
+    out = tmp_path / "run"
+    run_train("--data", str(data), "--out", str(out), "--val-split", "0.2", "--test-split", "0.2",
+              "--balance", "--opt", "adamw", "--sched", "step", "--ema-decay", "0.9", *FAST)  # fmt: skip
+    bundle = _check_run(out, ["Bag", "Trouser"])
+    assert bundle["training"]["data"] == {**bundle["training"]["data"], "train": 48, "val": 16, "test": 16}
+
+
+def test_train_kaggle_flat_layout(two_class_images, tmp_path: Path) -> None:
+    data = tmp_path / "dogs-vs-cats" / "train"
+    data.mkdir(parents=True)
+    for name, label in (("Trouser", "cat"), ("Bag", "dog")):
+        for i, f in enumerate(two_class_images[name]):
+            shutil.copy(f, data / f"{label}.{i}.png")
+    out = tmp_path / "run"
+    run_train("--data", str(data.parent), "--out", str(out), "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0",
+              "--sched", "plateau", "--clip-grad", "5", *FAST)  # fmt: skip
+    bundle = _check_run(out, ["cat", "dog"])
+    assert bundle["training"]["data"]["layout"] == "flat-splits"
+
+
+def test_transfer_learning_from_offline_imagenet_weights(two_class_images, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for name, files in two_class_images.items():
+        (data / name).mkdir(parents=True)
+        for i, f in enumerate(files[:16]):
+            shutil.copy(f, data / name / f"{i:03d}.png")
+    out = tmp_path / "run"
+    run_train("--data", str(data), "--out", str(out), "--arch", "efficientnet_lite0", "--img-size", "64",
+              "--freeze-backbone", "--auto-augment", "trivialaugment", *FAST)  # fmt: skip
+    bundle = _check_run(out, ["Bag", "Trouser"])
+    assert bundle["preprocessing"]["channels"] == 3 and bundle["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    from model.registry import build_model
+
+    imagenet = build_model("efficientnet_lite0", num_classes=2, pretrained="imagenet", image_size=64).state_dict()
+    trained = bundle["state_dict"]
+    assert torch.equal(trained["_conv_stem.weight"], imagenet["_conv_stem.weight"]), "backbone moved"
+    assert torch.equal(trained["_bn0.running_mean"], imagenet["_bn0.running_mean"]), "frozen BN stats drifted"
+    assert not torch.equal(trained["_fc.weight"], imagenet["_fc.weight"]), "head did not train"
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(two_class_images, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for name, files in two_class_images.items():
+        (data / name).mkdir(parents=True)
+        for i, f in enumerate(files):
+            shutil.copy(f, data / name / f"{i:03d}.png")
+    common = ["--data", str(data), "--epochs", "2", "--batch-size", "16", "--quiet", "--workers", "0",
+              "--deterministic", "--seed", "7", "--ema-decay", "0.5"]  # fmt: skip
+    run_train(*common, "--out", str(tmp_path / "full"))
+    run_train(*common, "--out", str(tmp_path / "cut"), "--stop-after", "1")
+    assert len(json.loads((tmp_path / "cut" / "history.json").read_text())) == 1
+    run_train(*common, "--out", str(tmp_path / "cut"), "--resume", str(tmp_path / "cut" / "last.pth"))
+    full = read_bundle(tmp_path / "full" / "last.pth")
+    resumed = read_bundle(tmp_path / "cut" / "last.pth")
+    assert full["state_dict"].keys() == resumed["state_dict"].keys()
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    h_full = json.loads((tmp_path / "full" / "history.json").read_text())
+    h_cut = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert [h["val_loss"] for h in h_full] == [h["val_loss"] for h in h_cut]
+
+
+def test_torchrun_two_processes_on_cpu(fashion_subset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "training.train",
+            "--data",
+            str(fashion_subset),
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+            *FAST,
+        ],  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "args.json").read_text())["world_size"] == 2
+    _check_run(out, sorted(prepare_fashion_mnist.CLASS_NAMES))
+
+
+def test_evaluate_and_predict_clis(fashion_subset: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    run_train("--data", str(fashion_subset), "--out", str(out), *FAST)
+    metrics = evaluate.main(
+        evaluate.get_args_parser().parse_args(["--bundle", str(out / "best.pth"), "--data", str(fashion_subset)])
+    )
+    assert metrics["split"] == "test" and metrics["samples"] == 200
+    assert set(metrics["per_class"]) == set(prepare_fashion_mnist.CLASS_NAMES)
+    assert (out / "eval-test" / "confusion.png").is_file()
+    confusion = json.loads((out / "eval-test" / "confusion.json").read_text())["matrix"]
+    assert sum(map(sum, confusion)) == 200
+
+    bag = sorted((fashion_subset / "test" / "Bag").glob("*.png"))[0]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.predict",
+            "--bundle",
+            str(out / "best.pth"),
+            "--json",
+            "--top-k",
+            "2",
+            str(bag),
+        ],  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    preds = answer["results"][0]["predictions"]
+    assert len(preds) == 2 and preds[0]["label"] in prepare_fashion_mnist.CLASS_NAMES
+    assert answer["model"] == "best"
+
+
+def test_predict_cli_on_the_default_model(default_bundle: Path, photos) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.predict", "--bundle", str(default_bundle), str(photos["chelsea"])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[1]
+    assert any(cat in first for cat in ("tabby", "tiger cat", "Egyptian cat")), proc.stdout
+
+
+def test_predict_cli_reports_bad_files(default_bundle: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a photo")
+    args = predict.get_args_parser().parse_args(["--bundle", str(default_bundle), str(bad)])
+    with pytest.raises(SystemExit):
+        predict.main(args)
