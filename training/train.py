@@ -518,7 +518,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 arch_kwargs=arch_kwargs,
                 class_names=class_names,
                 preprocessing=prep,
-                state_dict=eval_model.state_dict() if ema is None else _ema_weights(ema),
+                state_dict=eval_model.state_dict(),
                 training={
                     **record,
                     "date": now_iso(),
@@ -588,10 +588,6 @@ def final_evaluation(
         out / "eval",
     )
     return metrics
-
-
-def _ema_weights(ema: torch.optim.swa_utils.AveragedModel) -> dict[str, torch.Tensor]:
-    return ema.module.state_dict()
 
 
 def _average_result(result: Any, device: torch.device) -> Any:
