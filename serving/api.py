@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from model.images import ImageDecodeError, decode_image
 from serving.batching import BatcherClosed
@@ -111,7 +112,12 @@ def read_uploads() -> list[tuple[str, bytes]]:
             raise ApiError(400, "too_many_files", f"{len(files)} files sent; at most {limit} per request")
         return [((f.filename or "")[:MAX_FILENAME], f.read()) for f in files]
     if mimetype.startswith("image/") or mimetype in RAW_BODY_TYPES:
-        return [("", request.get_data(cache=False))]
+        data = request.get_data(cache=False)
+        # A streamed (chunked) body is cut at MAX_CONTENT_LENGTH by Werkzeug without an error when it is
+        # read in one go: a body that reached the limit is treated as over it.
+        if request.content_length is None and len(data) >= current_app.config["MAX_CONTENT_LENGTH"]:
+            raise RequestEntityTooLarge()
+        return [("", data)]
     if not mimetype and not request.content_length and not request.headers.get("Transfer-Encoding"):
         raise ApiError(400, "no_file", "no image sent: use a multipart field 'file' or an image/* body")
     raise ApiError(

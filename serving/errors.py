@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from model.images import ImageDecodeError
@@ -65,7 +65,11 @@ def handle_error(exc: Exception) -> tuple[Response, int] | Response:
     elif isinstance(exc, HTTPException) and exc.code is not None and exc.code < 500:
         code = HTTP_ERROR_CODES.get(exc.code, (exc.name or "error").lower().replace(" ", "_"))
         headers = {k: v for k, v in exc.get_headers() if k.lower() not in ("content-type", "content-length")}
-        error = ApiError(exc.code, code, exc.description or exc.name, headers)
+        message = exc.description or exc.name
+        if exc.code == 413:
+            limit = current_app.config.get("MAX_CONTENT_LENGTH") or 0
+            message = f"the request body is larger than the limit of {limit:,} bytes"
+        error = ApiError(exc.code, code, message, headers)
     else:
         request_id = g.get("request_id", "-")
         logger.exception("unexpected error on %s %s (request id %s)", request.method, request.path, request_id)
