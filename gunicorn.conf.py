@@ -50,6 +50,7 @@ def on_starting(server):
     metrics_dir.mkdir(parents=True, exist_ok=True)
     for stale in metrics_dir.glob("*.db"):  # samples of an earlier run would be added to ours
         stale.unlink()
+    server.log.info("Prometheus multiprocess folder: %s", metrics_dir)
 
 
 def post_fork(server, worker):

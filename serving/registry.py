@@ -81,8 +81,10 @@ class ModelRegistry:
             started = time.perf_counter()
             try:
                 predictor = Predictor.from_file(path, device=device, num_threads=num_threads or None)
-            except (BundleError, RuntimeError, ValueError, OSError) as exc:
-                raise ModelLoadError(f"cannot serve {path}: {exc}") from exc
+            except BundleError as exc:  # its message names the file
+                raise ModelLoadError(f"cannot serve the bundle {exc}") from exc
+            except (RuntimeError, ValueError, OSError) as exc:
+                raise ModelLoadError(f"cannot serve the bundle {path}: {exc}") from exc
             seconds = time.perf_counter() - started
 
             def report(size: int, secs: float, name: str = predictor.name) -> None:

@@ -74,7 +74,7 @@ class GunicornServer:
             try:
                 if requests.get(self.url("/readyz"), timeout=2).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # bound, but no worker ready yet
                 pass
             time.sleep(0.2)
         self.stop()
