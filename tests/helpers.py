@@ -137,3 +137,16 @@ def top_label(body: Mapping[str, object]) -> str:
 
 
 CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat"}
+
+
+def tiff_with_broken_second_page() -> bytes:
+    """A two-page TIFF whose second page lacks its width tag (Pillow raised TypeError on it)."""
+    pages = [Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")]
+    data = bytearray(image_bytes(pages[0], "TIFF", save_all=True, append_images=pages[1:]))
+    first = struct.unpack_from("<I", data, 4)[0]
+    second = struct.unpack_from("<I", data, first + 2 + 12 * struct.unpack_from("<H", data, first)[0])[0]
+    for i in range(struct.unpack_from("<H", data, second)[0]):
+        entry = second + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 256:  # ImageWidth
+            struct.pack_into("<H", data, entry, 0xFF00)
+    return bytes(data)
