@@ -1,0 +1,59 @@
+"""The inference service: ``create_app()`` builds one worker's Flask app (served by gunicorn.conf.py).
+
+gunicorn --config gunicorn.conf.py "app:create_app()"
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from serving.api import bp as api_blueprint
+from serving.config import DEFAULTS, check_config
+from serving.errors import register_error_handler
+from serving.http import install_request_hooks
+from serving.metrics import Metrics
+from serving.registry import ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Settings (defaults, FLASK_* environment, test config), then models loaded and warm, then routes.
+
+    A bad setting or a bundle that cannot be served raises here, so the worker does not start.
+    """
+    app = Flask(__name__)
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_prefixed_env()
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+    check_config(app.config)
+
+    metrics = Metrics()
+    app.extensions["imgclf.metrics"] = metrics
+    app.extensions["imgclf.models"] = load_models(app, metrics)
+
+    install_request_hooks(app)
+    register_error_handler(app)
+    app.register_blueprint(api_blueprint)
+    return app
+
+
+def load_models(app: Flask, metrics: Metrics) -> ModelRegistry:
+    cfg = app.config
+    registry = ModelRegistry.load(
+        cfg["MODEL_DIR"],
+        default=cfg["DEFAULT_MODEL"],
+        device=cfg["DEVICE"],
+        num_threads=cfg["TORCH_THREADS"],
+        batch_max_size=cfg["BATCH_MAX_SIZE"],
+        batch_max_delay_ms=cfg["BATCH_MAX_DELAY_MS"],
+        on_batch=metrics.observe_batch,
+    )
+    for served in registry.models.values():
+        metrics.load_seconds.labels(served.name).set(served.load_seconds)
+    return registry

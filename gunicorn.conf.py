@@ -1,0 +1,91 @@
+"""gunicorn settings for ``gunicorn --config gunicorn.conf.py "app:create_app()"`` (what `make run` does).
+
+Choices for this project's machine (2 CPU cores, no GPU), which the Performance work tunes further:
+- 1 worker process with 8 gthread request threads: the threads decode and preprocess uploads in
+  parallel and hand their tensors to the worker's dynamic batcher, which runs one forward pass for up
+  to 8 waiting images (FLASK_BATCH_MAX_SIZE). One worker means one copy of the models in memory and
+  one place where batches form. Torch gets every CPU this worker may use (FLASK_TORCH_THREADS, set
+  below to CPUs // workers), so workers × torch threads never exceed the cores.
+  More workers: WEB_CONCURRENCY=2 (each then gets 1 torch thread); more request threads:
+  GUNICORN_THREADS. Both can also be given on the command line or in GUNICORN_CMD_ARGS.
+- Each worker makes glibc keep freed memory (serving/allocator.py): without it batching loses
+  throughput here; with it batch 8 ran ~4x faster than under the defaults.
+- bind 127.0.0.1:8000: local only unless --bind or GUNICORN_CMD_ARGS="--bind 0.0.0.0:8000" says otherwise.
+- timeout 60 s: a worker stuck that long is restarted; a request normally takes tens of milliseconds.
+- access log on stdout, error log on stderr.
+- Prometheus multiprocess mode: every worker writes its samples to files in PROMETHEUS_MULTIPROC_DIR
+  (a fresh temporary folder unless already set) so /metrics adds up all workers; a dead worker's
+  files are marked, and the folder is removed when gunicorn exits.
+"""
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+bind = ["127.0.0.1:8000"]
+workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+timeout = 60
+graceful_timeout = 30
+keepalive = 5
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
+# models are loaded in each worker after the fork (no preload): threads and torch's pools start there
+preload_app = False
+# gunicorn 27's control socket defaults to one fixed path per user ($HOME/.gunicorn/gunicorn.ctl), so two
+# servers on one machine (tests, a second instance) would fight over it; nothing here uses it.
+control_socket_disable = True
+
+# Must be in the environment before any worker imports prometheus_client.
+_OWNED_FLAG = "IMGCLF_PROMETHEUS_DIR_OWNED"
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imgclf-prometheus-")
+    os.environ[_OWNED_FLAG] = "1"
+
+
+def on_starting(server):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in metrics_dir.glob("*.db"):  # samples of an earlier run would be added to ours
+        stale.unlink()
+    server.log.info("Prometheus multiprocess folder: %s", metrics_dir)
+
+
+def post_fork(server, worker):
+    from serving.allocator import keep_freed_memory
+
+    if "FLASK_TORCH_THREADS" not in os.environ:
+        os.environ["FLASK_TORCH_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // max(1, server.cfg.workers)))
+    keep_freed_memory()
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def worker_int(worker):
+    _drain(worker)
+
+
+def worker_exit(server, worker):
+    _drain(worker)
+
+
+def _drain(worker):
+    """Readiness turns false and queued inference is finished before the worker goes."""
+    app = getattr(getattr(worker, "wsgi", None), "extensions", None)
+    registry = app.get("imgclf.models") if app else None
+    if registry is not None:
+        registry.close()
+
+
+def on_exit(server):
+    if os.environ.get(_OWNED_FLAG) == "1":
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -1,0 +1,1 @@
+"""The inference service's small parts; ``app.create_app`` puts them together."""

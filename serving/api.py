@@ -1,0 +1,188 @@
+"""The HTTP API: predict, health, readiness, models, metrics and the OpenAPI document."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import torch
+from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from model.images import ImageDecodeError, decode_image
+from serving.batching import BatcherClosed
+from serving.errors import ApiError
+from serving.openapi import build_openapi
+from serving.registry import ModelRegistry, ServedModel
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("api", __name__)
+
+RAW_BODY_TYPES = ("application/octet-stream",)
+MAX_FILENAME = 255
+
+
+def registry() -> ModelRegistry:
+    return current_app.extensions["imgclf.models"]
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """Alive: the worker answers. Says nothing about the models (that is /readyz)."""
+    return jsonify(status="ok")
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    reg = registry()
+    if not reg.ready:
+        raise ApiError(503, "not_ready", "the models are not loaded and warm, or the worker is shutting down")
+    return jsonify(status="ready", models=reg.names(), default_model=reg.default)
+
+
+@bp.get("/models")
+def models() -> Response:
+    reg = registry()
+    return jsonify(default_model=reg.default, models=[m.describe() for m in reg.models.values()])
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    m = current_app.extensions["imgclf.metrics"]
+    return Response(m.exposition(), headers={"Content-Type": m.content_type})
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    return jsonify(build_openapi(current_app.config, registry().names()))
+
+
+@bp.post("/predict")
+def predict() -> Response:
+    started = time.perf_counter()
+    check_api_key()
+    uploads = read_uploads()
+    served = pick_model(_param("model"))
+    top_k = parse_top_k(_param("top_k"))
+    outcomes = classify(served, uploads, top_k)
+    time_ms = round((time.perf_counter() - started) * 1000, 1)
+    if len(uploads) == 1:
+        if isinstance(outcomes[0], ApiError):
+            raise outcomes[0]
+        return jsonify(model=served.name, predictions=outcomes[0], time_ms=time_ms)
+    results = []
+    for (filename, _), outcome in zip(uploads, outcomes, strict=True):
+        entry: dict[str, Any] = {"filename": filename}
+        if isinstance(outcome, ApiError):
+            entry["error"] = outcome.body()["error"]
+            entry["status"] = outcome.status
+        else:
+            entry["predictions"] = outcome
+        results.append(entry)
+    return jsonify(model=served.name, results=results, time_ms=time_ms)
+
+
+def check_api_key() -> None:
+    key = current_app.config["API_KEY"]
+    if not key:
+        return
+    challenge = {"WWW-Authenticate": 'Bearer realm="imgclf"'}
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise ApiError(401, "unauthorized", "this server needs an API key: Authorization: Bearer <key>", challenge)
+    if not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise ApiError(401, "unauthorized", "the API key is not valid", challenge)
+
+
+def read_uploads() -> list[tuple[str, bytes]]:
+    """(filename, bytes) of each image: multipart `file` fields, or the raw body of an image/* request."""
+    mimetype = request.mimetype
+    if mimetype == "multipart/form-data":
+        files = request.files.getlist("file")
+        if not files:
+            others = sorted(request.files)
+            hint = f" (got file fields: {', '.join(others)})" if others else ""
+            raise ApiError(400, "no_file", f"send the image in a multipart field named 'file'{hint}")
+        limit = current_app.config["MAX_FILES"]
+        if len(files) > limit:
+            raise ApiError(400, "too_many_files", f"{len(files)} files sent; at most {limit} per request")
+        return [((f.filename or "")[:MAX_FILENAME], f.read()) for f in files]
+    if mimetype.startswith("image/") or mimetype in RAW_BODY_TYPES:
+        data = request.get_data(cache=False)
+        # A streamed (chunked) body is cut at MAX_CONTENT_LENGTH by Werkzeug without an error when it is
+        # read in one go: a body that reached the limit is treated as over it.
+        if request.content_length is None and len(data) >= current_app.config["MAX_CONTENT_LENGTH"]:
+            raise RequestEntityTooLarge()
+        return [("", data)]
+    if not mimetype and not request.content_length and not request.headers.get("Transfer-Encoding"):
+        raise ApiError(400, "no_file", "no image sent: use a multipart field 'file' or an image/* body")
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {mimetype or '(none)'} is not accepted: send multipart/form-data with a field "
+        "'file', or the image bytes with Content-Type image/*",
+    )
+
+
+def _param(name: str) -> str | None:
+    value = request.args.get(name)
+    if value is None and request.mimetype == "multipart/form-data":
+        value = request.form.get(name)
+    return value
+
+
+def pick_model(name: str | None) -> ServedModel:
+    reg = registry()
+    if not reg.ready:
+        raise ApiError(503, "not_ready", "the service is not ready (loading or shutting down); retry shortly")
+    served = reg.get(name)
+    if served is None:
+        raise ApiError(404, "model_not_found", f"no model named {name!r}; see GET /models ({', '.join(reg.names())})")
+    return served
+
+
+def parse_top_k(raw: str | None) -> int:
+    cfg = current_app.config
+    if raw is None or raw == "":
+        return cfg["TOP_K_DEFAULT"]
+    try:
+        k = int(raw)
+    except ValueError:
+        k = 0
+    if not 1 <= k <= cfg["TOP_K_MAX"]:
+        raise ApiError(400, "bad_top_k", f"top_k must be an integer from 1 to {cfg['TOP_K_MAX']}, not {raw!r}")
+    return k
+
+
+def classify(
+    served: ServedModel, uploads: list[tuple[str, bytes]], top_k: int
+) -> list[list[dict[str, Any]] | ApiError]:
+    """Decode and preprocess here, on the request thread; only the forward pass goes to the batcher."""
+    predictor = served.predictor
+    cfg = current_app.config
+    outcomes: list[list[dict[str, Any]] | ApiError] = []
+    tensors: list[torch.Tensor] = []
+    for _, data in uploads:
+        try:
+            img = decode_image(data, max_pixels=cfg["MAX_IMAGE_PIXELS"], draft_size=predictor.preprocessing["resize"])
+            tensors.append(predictor.preprocess([img]))
+            outcomes.append([])
+        except ImageDecodeError as exc:
+            outcomes.append(ApiError.from_image_error(exc))
+        except (ValueError, OSError) as exc:  # a mode Pillow cannot convert (e.g. some LAB TIFFs)
+            logger.info("cannot convert an image for %s: %s", predictor.name, exc)
+            outcomes.append(ApiError(422, "unconvertible_image", f"the image cannot be converted: {exc}"))
+    if tensors:
+        try:
+            probs = served.batcher.submit(torch.cat(tensors))
+        except BatcherClosed as exc:
+            raise ApiError(503, "not_ready", str(exc)) from None
+        except FutureTimeout:
+            raise ApiError(503, "busy", "inference took too long; retry later") from None
+        predictions = iter(predictor.postprocess(probs, top_k))
+        outcomes = [o if isinstance(o, ApiError) else next(predictions) for o in outcomes]
+    return outcomes

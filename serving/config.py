@@ -1,0 +1,83 @@
+"""Service settings: the defaults, and the checks that make a bad setting fail at start, not per request.
+
+Every setting can come from the environment with Flask's prefix (``FLASK_MODEL_DIR=/models``,
+``FLASK_BATCH_MAX_SIZE=4``...); values are parsed as JSON when they can be, so numbers arrive as numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any
+
+from model.images import DEFAULT_MAX_PIXELS
+from model.predictor import DEVICES
+
+DEFAULTS: dict[str, Any] = {
+    # folder whose *.pth bundles are served, each under its file stem
+    "MODEL_DIR": "models",
+    # the model answering requests that name none; "default" is built offline when missing
+    "DEFAULT_MODEL": "default",
+    # auto | cpu | cuda
+    "DEVICE": "auto",
+    # torch intra-op threads per worker; 0 = the CPUs this process may use
+    "TORCH_THREADS": 0,
+    # largest request body in bytes, enforced while streaming too (Flask's own setting)
+    "MAX_CONTENT_LENGTH": 10 * 1024 * 1024,
+    # largest image, in pixels, checked from the header before decoding
+    "MAX_IMAGE_PIXELS": DEFAULT_MAX_PIXELS,
+    # most `file` fields in one request
+    "MAX_FILES": 16,
+    "TOP_K_DEFAULT": 3,
+    "TOP_K_MAX": 20,
+    # dynamic batching: most images in one forward pass (1 = off: one at a time under a lock) ...
+    "BATCH_MAX_SIZE": 8,
+    # ... and the longest the oldest waiting request is held for others to join
+    "BATCH_MAX_DELAY_MS": 2.0,
+    # when set, POST /predict needs `Authorization: Bearer <key>`
+    "API_KEY": None,
+}
+
+INT_SETTINGS = {
+    "TORCH_THREADS": 0,
+    "MAX_CONTENT_LENGTH": 1,
+    "MAX_IMAGE_PIXELS": 1,
+    "MAX_FILES": 1,
+    "TOP_K_DEFAULT": 1,
+    "TOP_K_MAX": 1,
+    "BATCH_MAX_SIZE": 1,
+}
+
+
+class ConfigError(ValueError):
+    """A setting that makes no sense; raised while the app is created so the worker refuses to start."""
+
+
+def check_config(config: MutableMapping[str, Any]) -> None:
+    """Coerce the types the environment may have got wrong and reject impossible values."""
+    for key, minimum in INT_SETTINGS.items():
+        value = config[key]
+        try:
+            if isinstance(value, bool) or float(value) != int(value):
+                raise ValueError
+            config[key] = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be an integer, not {value!r}") from None
+        if config[key] < minimum:
+            raise ConfigError(f"{key} must be at least {minimum}, not {config[key]}")
+    try:
+        config["BATCH_MAX_DELAY_MS"] = float(config["BATCH_MAX_DELAY_MS"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"BATCH_MAX_DELAY_MS must be a number, not {config['BATCH_MAX_DELAY_MS']!r}") from None
+    if not 0 <= config["BATCH_MAX_DELAY_MS"] <= 10_000:
+        raise ConfigError("BATCH_MAX_DELAY_MS must be between 0 and 10000")
+    if config["TOP_K_DEFAULT"] > config["TOP_K_MAX"]:
+        raise ConfigError(
+            f"TOP_K_DEFAULT ({config['TOP_K_DEFAULT']}) must not exceed TOP_K_MAX ({config['TOP_K_MAX']})"
+        )
+    if config["DEVICE"] not in DEVICES:
+        raise ConfigError(f"DEVICE must be one of {DEVICES}, not {config['DEVICE']!r}")
+    config["MODEL_DIR"] = str(config["MODEL_DIR"])
+    config["DEFAULT_MODEL"] = str(config["DEFAULT_MODEL"])
+    key = config.get("API_KEY")
+    # "123" from the environment arrives as a number; an empty value means no key
+    config["API_KEY"] = str(key) if key not in (None, "") else None

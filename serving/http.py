@@ -1,0 +1,69 @@
+"""What happens around every request: uploads kept in memory, a request id, timing, metrics, headers."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+import uuid
+from typing import IO, Any
+
+from flask import Flask, Request, Response, current_app, g, request
+
+from serving.metrics import Metrics
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+}
+
+
+class InMemoryRequest(Request):
+    """Uploaded files stay in memory: Werkzeug would spool parts over 500 KB to a temporary file.
+
+    The body is already capped by MAX_CONTENT_LENGTH (10 MB by default), so memory stays bounded.
+    """
+
+    def _get_file_stream(
+        self,
+        total_content_length: int | None,
+        content_type: str | None,
+        filename: str | None = None,
+        content_length: int | None = None,
+    ) -> IO[bytes]:
+        return io.BytesIO()
+
+
+def install_request_hooks(app: Flask) -> None:
+    app.request_class = InMemoryRequest
+    app.before_request(_start)
+    app.after_request(_finish)
+
+
+def metrics_of(app: Flask) -> Metrics:
+    return app.extensions["imgclf.metrics"]
+
+
+def _start() -> None:
+    g.started = time.perf_counter()
+    incoming = request.headers.get("X-Request-ID", "")
+    g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+
+
+def _finish(response: Response) -> Response:
+    response.headers["X-Request-ID"] = g.get("request_id", "-")
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if response.mimetype == "application/json":  # answers about one upload are not for caches
+        response.headers.setdefault("Cache-Control", "no-store")
+    started: Any = g.get("started")
+    if started is not None:
+        endpoint = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        metrics_of(current_app).observe_request(
+            endpoint, request.method, response.status_code, time.perf_counter() - started
+        )
+    return response

@@ -1,0 +1,228 @@
+"""The OpenAPI 3.1 description of the API, with this server's limits and model names filled in."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from serving.errors import IMAGE_ERROR_STATUS
+
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": _ref("Error")}}}
+
+
+def build_openapi(config: Mapping[str, Any], model_names: list[str]) -> dict[str, Any]:
+    max_mb = config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
+    image_codes = ", ".join(f"{code} → {status}" for code, status in IMAGE_ERROR_STATUS.items())
+    params = [
+        {
+            "name": "model",
+            "in": "query",
+            "required": False,
+            "description": f"model to use (default: {config['DEFAULT_MODEL']}); also accepted as a form field",
+            "schema": {"type": "string", "enum": model_names},
+        },
+        {
+            "name": "top_k",
+            "in": "query",
+            "required": False,
+            "description": "how many classes to return; also accepted as a form field",
+            "schema": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": config["TOP_K_MAX"],
+                "default": config["TOP_K_DEFAULT"],
+            },
+        },
+    ]
+    predict = {
+        "summary": "Classify one or more images",
+        "description": (
+            f"The bytes decide the format (JPEG, PNG, WebP, GIF, BMP, TIFF), not the declared type. Body at most "
+            f"{max_mb:g} MB, images at most {config['MAX_IMAGE_PIXELS']:,} pixels, at most {config['MAX_FILES']} "
+            f"files. Image errors: {image_codes}."
+        ),
+        "operationId": "predict",
+        "parameters": params,
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {
+                                "description": "one image, or several `file` fields",
+                                "oneOf": [
+                                    {"type": "string", "format": "binary"},
+                                    {"type": "array", "items": {"type": "string", "format": "binary"}},
+                                ],
+                            },
+                            "model": {"type": "string"},
+                            "top_k": {"type": "integer"},
+                        },
+                    }
+                },
+                "image/*": {"schema": {"type": "string", "format": "binary"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "predictions (one file) or one result per file, in order (several files)",
+                "content": {JSON: {"schema": {"oneOf": [_ref("Prediction"), _ref("MultiPrediction")]}}},
+            },
+            "400": _error("no file, empty file, bad top_k or too many files"),
+            "401": _error("missing or wrong API key (only when the server has one)"),
+            "404": _error("unknown model"),
+            "413": _error("body too large (also when streamed) or image with too many pixels"),
+            "415": _error("not an image, or an image format that is not accepted"),
+            "422": _error("corrupt or truncated image"),
+            "500": _error("unexpected error; the error carries a request_id"),
+            "503": _error("not ready or shutting down"),
+        },
+    }
+    if config.get("API_KEY"):
+        predict["security"] = [{"bearer": []}]
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "imgclf",
+            "version": "1.0.0",
+            "description": "Image classification: top-k classes of an uploaded photo.",
+        },
+        "paths": {
+            "/predict": {"post": predict},
+            "/healthz": {"get": _simple("Liveness: the worker answers", "Status")},
+            "/readyz": {
+                "get": {
+                    **_simple("Readiness: every model loaded and warmed up", "Ready"),
+                    "responses": {
+                        "200": {"description": "ready", "content": {JSON: {"schema": _ref("Ready")}}},
+                        "503": _error("loading or shutting down"),
+                    },
+                }
+            },
+            "/models": {"get": _simple("The models served, with classes, preprocessing and metrics", "Models")},
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics of all workers",
+                    "operationId": "metrics",
+                    "responses": {
+                        "200": {
+                            "description": "text exposition",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "operationId": "openapi",
+                    "responses": {
+                        "200": {"description": "OpenAPI 3.1", "content": {JSON: {"schema": {"type": "object"}}}}
+                    },
+                }
+            },
+        },
+        "components": {"schemas": _schemas(), "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+    return doc
+
+
+def _simple(summary: str, schema: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "operationId": schema.lower(),
+        "responses": {"200": {"description": "OK", "content": {JSON: {"schema": _ref(schema)}}}},
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    error_body = {
+        "type": "object",
+        "required": ["code", "message"],
+        "properties": {
+            "code": {"type": "string", "examples": ["not_an_image"]},
+            "message": {"type": "string"},
+            "request_id": {"type": "string", "description": "only on 500"},
+        },
+    }
+    return {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": error_body}},
+        "Class": {
+            "type": "object",
+            "required": ["label", "index", "score"],
+            "properties": {
+                "label": {"type": "string"},
+                "index": {"type": "integer"},
+                "score": {"type": "number", "minimum": 0, "maximum": 1},
+            },
+        },
+        "Prediction": {
+            "type": "object",
+            "required": ["model", "predictions", "time_ms"],
+            "properties": {
+                "model": {"type": "string"},
+                "predictions": {"type": "array", "items": _ref("Class")},
+                "time_ms": {"type": "number"},
+            },
+        },
+        "FileResult": {
+            "type": "object",
+            "required": ["filename"],
+            "properties": {
+                "filename": {"type": "string"},
+                "predictions": {"type": "array", "items": _ref("Class")},
+                "error": error_body,
+                "status": {"type": "integer", "description": "the status this file alone would have had"},
+            },
+        },
+        "MultiPrediction": {
+            "type": "object",
+            "required": ["model", "results", "time_ms"],
+            "properties": {
+                "model": {"type": "string"},
+                "results": {"type": "array", "items": _ref("FileResult")},
+                "time_ms": {"type": "number"},
+            },
+        },
+        "Status": {"type": "object", "properties": {"status": {"type": "string"}}},
+        "Ready": {
+            "type": "object",
+            "properties": {
+                "status": {"type": "string"},
+                "models": {"type": "array", "items": {"type": "string"}},
+                "default_model": {"type": "string"},
+            },
+        },
+        "Models": {
+            "type": "object",
+            "properties": {
+                "default_model": {"type": "string"},
+                "models": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string"},
+                            "arch": {"type": "string"},
+                            "num_classes": {"type": "integer"},
+                            "class_names": {"type": "array", "items": {"type": "string"}},
+                            "preprocessing": {"type": "object"},
+                            "metrics": {"type": "object"},
+                        },
+                    },
+                },
+            },
+        },
+    }

@@ -1,0 +1,131 @@
+"""The models one worker serves: every ``*.pth`` in the model folder, loaded once, warmed up, batched.
+
+Model names are the file stems found at start; a request's ``model`` is looked up in that set and is
+never used to build a path. A bundle that cannot be loaded stops the start with a message naming the
+file: a worker either serves every model it was given or none.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from model.bundle import BundleError
+from model.default import ensure_default_model
+from model.predictor import Predictor
+from serving.batching import Batcher
+
+logger = logging.getLogger(__name__)
+
+BUILT_IN_DEFAULT = "default"
+
+
+class ModelLoadError(RuntimeError):
+    """The service cannot start with this model folder."""
+
+
+class ServedModel:
+    """A predictor and the batcher in front of its ``infer``."""
+
+    def __init__(self, predictor: Predictor, batcher: Batcher, load_seconds: float) -> None:
+        self.predictor = predictor
+        self.batcher = batcher
+        self.load_seconds = load_seconds
+
+    @property
+    def name(self) -> str:
+        return self.predictor.name
+
+    def describe(self) -> dict[str, Any]:
+        info = self.predictor.describe()
+        info["device"] = str(self.predictor.device)
+        info["load_seconds"] = round(self.load_seconds, 3)
+        return info
+
+
+class ModelRegistry:
+    def __init__(self, models: dict[str, ServedModel], default: str) -> None:
+        self.models = models
+        self.default = default
+        self.draining = False
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        *,
+        default: str,
+        device: str,
+        num_threads: int | None,
+        batch_max_size: int,
+        batch_max_delay_ms: float,
+        on_batch: Callable[[str, int, float], None] | None = None,
+    ) -> ModelRegistry:
+        folder = Path(model_dir)
+        if default == BUILT_IN_DEFAULT and not (folder / f"{default}.pth").exists():
+            with _folder_lock(folder):  # several workers may start at once: one builds, the others wait
+                ensure_default_model(folder / f"{default}.pth")
+        paths = sorted(folder.glob("*.pth")) if folder.is_dir() else []
+        if not paths:
+            raise ModelLoadError(f"no model bundles (*.pth) in {folder.resolve()}")
+        stems = [p.stem for p in paths]
+        if default not in stems:
+            raise ModelLoadError(f"default model {default!r} is not in {folder.resolve()} (found: {', '.join(stems)})")
+        models: dict[str, ServedModel] = {}
+        for path in paths:
+            started = time.perf_counter()
+            try:
+                predictor = Predictor.from_file(path, device=device, num_threads=num_threads or None)
+            except BundleError as exc:  # its message names the file
+                raise ModelLoadError(f"cannot serve the bundle {exc}") from exc
+            except (RuntimeError, ValueError, OSError) as exc:
+                raise ModelLoadError(f"cannot serve the bundle {path}: {exc}") from exc
+            seconds = time.perf_counter() - started
+
+            def report(size: int, secs: float, name: str = predictor.name) -> None:
+                if on_batch is not None:
+                    on_batch(name, size, secs)
+
+            batcher = Batcher(
+                predictor.infer,
+                max_size=batch_max_size,
+                max_delay_ms=batch_max_delay_ms,
+                name=predictor.name,
+                on_batch=report,
+            )
+            batcher.start()
+            models[predictor.name] = ServedModel(predictor, batcher, seconds)
+            logger.info("serving %s from %s (load + warm-up %.2fs)", predictor.name, path, seconds)
+        return cls(models, default)
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and all(m.batcher.alive for m in self.models.values())
+
+    def get(self, name: str | None) -> ServedModel | None:
+        return self.models.get(name or self.default)
+
+    def names(self) -> list[str]:
+        return list(self.models)
+
+    def close(self) -> None:
+        """Stop taking requests (readiness turns false); queued ones are still answered."""
+        self.draining = True
+        for served in self.models.values():
+            served.batcher.close()
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
