@@ -1,6 +1,7 @@
 """Export a bundle to ONNX or TorchScript with its serving metadata inside, then prove parity on real photos.
 
-    python -m model.export --bundle models/default.pth --format onnx [--opset 18] [--quantize dynamic|static --calib DIR]
+    python -m model.export --bundle models/default.pth --format onnx|torchscript [--opset 18]
+        [--quantize dynamic|static --calib DIR] [--eval-data DIR]
 
 ONNX: opset >= 18 goes through torch's dynamo exporter (``torch.export``); lower opsets (the seeds'
 11) through the TorchScript-based exporter (``dynamo=False``), because the dynamo exporter only
@@ -203,7 +204,13 @@ def quantize_onnx(
 ) -> Path:
     """int8 copy of an exported fp32 file; static mode calibrates activations on ``calib_paths``."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if mode not in ("dynamic", "static"):
@@ -332,15 +339,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="also write an int8 ONNX copy, <out stem>.int8-<mode>.onnx (default: %(default)s)",
     )
     p.add_argument("--calib", default=None, help="folder of calibration images for --quantize static (default: none)")
-    p.add_argument("--calib-limit", type=int, default=200, help="calibration images used at most (default: %(default)s)")
+    p.add_argument(
+        "--calib-limit", type=int, default=200, help="calibration images used at most (default: %(default)s)"
+    )
     p.add_argument(
         "--check-images",
         default=None,
         help="folder of photos for the parity check (default: the scikit-image/scikit-learn sample photos)",
     )
-    p.add_argument(
-        "--eval-data", default=None, help="labelled ImageFolder for the int8 accuracy delta (default: none)"
-    )
+    p.add_argument("--eval-data", default=None, help="labelled ImageFolder for the int8 accuracy delta (default: none)")
     p.add_argument(
         "--tolerance", type=float, default=FP32_TOLERANCE, help="fp32 max abs probability diff (default: %(default)s)"
     )
@@ -367,7 +374,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     temperature = float(bundle.get("temperature", 1.0))
     with torch.inference_mode():
         reference = softmax_probs(model(batch), temperature)
-    report: dict[str, Any] = {"bundle": str(args.bundle), "format": args.format, "check_images": [p.name for p in paths]}
+    report: dict[str, Any] = {
+        "bundle": str(args.bundle),
+        "format": args.format,
+        "check_images": [p.name for p in paths],
+    }
 
     if args.format == "torchscript":
         export_torchscript(bundle, model, out)
@@ -395,7 +406,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 info = {"class_names": bundle["class_names"], "preprocessing": bundle["preprocessing"]}
                 acc32 = folder_accuracy(fp32.infer, args.eval_data, info)
                 acc8 = folder_accuracy(int8.infer, args.eval_data, info)
-                report["int8"]["eval"] = {"data": str(args.eval_data), "fp32": acc32, "int8": acc8, "delta": acc8 - acc32}
+                report["int8"]["eval"] = {
+                    "data": str(args.eval_data),
+                    "fp32": acc32,
+                    "int8": acc8,
+                    "delta": acc8 - acc32,
+                }
     _print_report(report, args.tolerance)
     if report["fp32"]["max_abs_diff"] >= args.tolerance:
         raise ParityError(
@@ -420,7 +436,8 @@ def _print_report(report: Mapping[str, Any], tolerance: float) -> None:
         if "eval" in q:
             e = q["eval"]
             lines.append(
-                f"accuracy on {e['data']}: fp32 {e['fp32']:.2%}, int8 {e['int8']:.2%}, delta {e['delta'] * 100:+.2f} points"
+                f"accuracy on {e['data']}: fp32 {e['fp32']:.2%}, int8 {e['int8']:.2%}, "
+                f"delta {e['delta'] * 100:+.2f} points"
             )
     print("\n".join(lines))  # noqa: T201 - the CLI's result, for people
     print(json.dumps(report, indent=None))  # noqa: T201
