@@ -1,0 +1,140 @@
+"""Serving an exported ``.onnx`` with ONNX Runtime, as a drop-in for ``model.predictor.Predictor``.
+
+Same steps and contract: ``preprocess(images) -> batch``, ``infer(batch) -> probs`` (softmax of the
+logits divided by the temperature, a CPU float tensor), ``postprocess(probs)``. The class names,
+preprocessing and temperature come from the file's metadata (written by ``model.export``), so the
+file needs no bundle beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from model.export_metadata import parse_metadata
+from model.predictor import DEVICES, Predictor, available_cpus
+from model.transforms import build_eval_transform
+
+logger = logging.getLogger(__name__)
+
+
+def session_options(num_threads: int | None = None, *, spinning: bool = True) -> ort.SessionOptions:
+    """CPU-tuned options: all graph optimisations, ``num_threads`` intra-op threads, sequential graph.
+
+    ``spinning=False`` stops idle pool threads from busy-waiting, which matters when the process also
+    decodes images on other threads; ONNX Runtime's default is to spin.
+    """
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = num_threads if num_threads and num_threads > 0 else available_cpus()
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return opts
+
+
+def providers_for(device: str = "auto") -> list[str]:
+    """ONNX Runtime execution providers for ``device``: CUDA first when asked for (or auto) and present."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cuda" and not has_cuda:
+        raise RuntimeError("device 'cuda' was asked for but this onnxruntime has no CUDAExecutionProvider")
+    if device in ("auto", "cuda") and has_cuda:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxPredictor:
+    """An exported model under ONNX Runtime, with the eval transform and class names from its metadata."""
+
+    # The same code as Predictor's (not a copy): both steps only need ``transform`` and ``class_names``.
+    preprocess = Predictor.preprocess
+    postprocess = Predictor.postprocess
+    predict = Predictor.predict
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        device: str = "auto",
+        num_threads: int | None = None,
+        spinning: bool = True,
+        warmup: bool = True,
+    ) -> None:
+        started = time.perf_counter()
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        opts = session_options(num_threads, spinning=spinning)
+        self.num_threads = opts.intra_op_num_threads
+        self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers_for(device))
+        self.providers: list[str] = self.session.get_providers()
+        meta = self.session.get_modelmeta().custom_metadata_map
+        info = parse_metadata(meta, source=str(self.path))
+        self.class_names: list[str] = info["class_names"]
+        self.preprocessing: dict[str, Any] = info["preprocessing"]
+        self.arch_info: dict[str, Any] = info["arch"]
+        self.temperature: float = info["temperature"]
+        self.transform = build_eval_transform(self.preprocessing)
+        self.input_name = self.session.get_inputs()[0].name
+        self.load_seconds = time.perf_counter() - started
+        self.warmup_seconds = self.warm_up() if warmup else 0.0
+        logger.info(
+            "loaded %s (%s, %d classes) with ONNX Runtime %s on %s, %d threads, in %.2fs",
+            self.name,
+            self.arch,
+            len(self.class_names),
+            ort.__version__,
+            self.providers[0],
+            self.num_threads,
+            self.load_seconds,
+        )
+
+    @property
+    def arch(self) -> str:
+        return str(self.arch_info.get("name", "unknown"))
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        p = self.preprocessing
+        return (p["channels"], p["crop"], p["crop"])
+
+    def warm_up(self) -> float:
+        """One run so the first real request does not pay for lazy initialisation."""
+        started = time.perf_counter()
+        self.infer(torch.zeros((1, *self.input_shape)))
+        return time.perf_counter() - started
+
+    def logits(self, batch: torch.Tensor) -> np.ndarray:
+        x = np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        """A batch (N, C, H, W) -> class probabilities (N, classes) on the CPU, temperature applied."""
+        logits = torch.from_numpy(self.logits(batch))
+        return torch.softmax(logits.float() / self.temperature, dim=1)
+
+    def describe(self) -> dict[str, Any]:
+        """What a client may know about the model (no weights)."""
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "num_classes": len(self.class_names),
+            "class_names": self.class_names,
+            "preprocessing": self.preprocessing,
+            "temperature": self.temperature,
+            "backend": "onnxruntime",
+            "providers": self.providers,
+        }
