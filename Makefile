@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup run test lint format default-model clean
+.PHONY: setup run test lint format default-model css clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ default-model: models/default.pth
 
 run: setup models/default.pth
 	$(VENV)/bin/gunicorn --config gunicorn.conf.py "app:create_app()"
+
+# static/app.css is committed (the Docker image needs no build step); tests/test_page.py fails when it is
+# out of date with templates/ and static/app.js. Recompile after changing them:
+css: setup
+	$(VENV)/bin/tailwindcss --input assets/app.css --output static/app.css --minify
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -16,6 +16,7 @@ from serving.config import DEFAULTS, check_config
 from serving.errors import register_error_handler
 from serving.http import install_request_hooks
 from serving.metrics import Metrics
+from serving.pages import bp as pages_blueprint
 from serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     install_request_hooks(app)
     register_error_handler(app)
     app.register_blueprint(api_blueprint)
+    app.register_blueprint(pages_blueprint)
     return app
 
 

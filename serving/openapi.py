@@ -124,6 +124,10 @@ def build_openapi(config: Mapping[str, Any], model_names: list[str]) -> dict[str
                     },
                 }
             },
+            "/": {
+                "get": _page("The web page: the upload form", "page"),
+                "post": _page("The page's form without JavaScript (fields as /predict): the result page", "pageForm"),
+            },
             "/openapi.json": {
                 "get": {
                     "summary": "This document",
@@ -137,6 +141,16 @@ def build_openapi(config: Mapping[str, Any], model_names: list[str]) -> dict[str
         "components": {"schemas": _schemas(), "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }
     return doc
+
+
+def _page(summary: str, operation_id: str) -> dict[str, Any]:
+    """The web page (serving/pages.py): HTML for people, errors included; not part of the JSON API."""
+    html = {"text/html": {"schema": {"type": "string"}}}
+    return {
+        "summary": summary,
+        "operationId": operation_id,
+        "responses": {"200": {"description": "HTML", "content": html}},
+    }
 
 
 def _simple(summary: str, schema: str) -> dict[str, Any]:

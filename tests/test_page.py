@@ -1,0 +1,432 @@
+"""The web page in a real browser (Debian's chromium through Playwright) against a real gunicorn.
+
+Also: the compiled CSS is up to date with the templates and the script, the page's headers, and the
+no-JavaScript form path through the Flask test client (its error pages).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import tiny_bundle
+from helpers import CAT_LABELS, GunicornServer
+
+from app import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+TINY_CLASSES = ["sunflower", "daisy", "tulip"]
+EVIL_LABEL = "<img src=x onerror=alert(1)>"
+MAX_BYTES = 2 * 1024 * 1024  # small, so the too-large check needs no big upload
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+
+
+# --- the compiled CSS
+
+
+def test_compiled_css_is_up_to_date(tmp_path: Path) -> None:
+    """static/app.css is committed: it must be what `make css` makes from today's templates and script."""
+    out = tmp_path / "app.css"
+    cli = Path(sys.executable).parent / "tailwindcss"
+    subprocess.run(
+        [str(cli), "--input", "assets/app.css", "--output", str(out), "--minify"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    assert out.read_bytes() == (ROOT / "static" / "app.css").read_bytes(), "static/app.css is stale: run `make css`"
+
+
+# --- the page through the Flask test client (headers, markup, the no-JavaScript path and its errors)
+
+
+@pytest.fixture(scope="module")
+def page_models(tmp_path_factory: pytest.TempPathFactory, default_bundle: Path) -> Path:
+    folder = tmp_path_factory.mktemp("page-models")
+    (folder / "default.pth").symlink_to(default_bundle)
+    tiny_bundle(folder / "tiny.pth", TINY_CLASSES)
+    tiny_bundle(folder / "evil.pth", [EVIL_LABEL, "harmless"], seed=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def client(page_models: Path):
+    app = create_app({"MODEL_DIR": str(page_models), "MAX_CONTENT_LENGTH": MAX_BYTES})
+    yield app.test_client()
+    app.extensions["imgclf.models"].close()
+
+
+def alerts(html: str) -> list[str]:
+    """The messages shown: the form's alert and the error of each result card."""
+    found = re.findall(r'(?:role="alert"|data-slot="error")[^>]*>([^<]*)<', html)
+    return [m.strip() for m in found if m.strip()]
+
+
+def test_page_headers_and_no_inline_code(client) -> None:
+    r = client.get("/")
+    assert r.status_code == 200 and r.mimetype == "text/html"
+    csp = r.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    assert r.headers["X-Frame-Options"] == "DENY"
+    assert r.headers["Referrer-Policy"] == "no-referrer"
+    assert "Permissions-Policy" in r.headers
+    html = r.get_data(as_text=True)
+    assert re.findall(r"<script(?![^>]*\ssrc=)", html) == [], "inline script"
+    assert "<style" not in html and " style=" not in html, "inline style"
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html), "a resource from another site"
+    assert f'data-max-bytes="{MAX_BYTES}"' in html
+    for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', html):
+        assert client.get(asset).status_code == 200, asset
+    # the JSON API keeps its own headers
+    assert "default-src" not in client.get("/models").headers["Content-Security-Policy"]
+
+
+def test_no_js_form_renders_the_result(client, photos) -> None:
+    form = {"file": (io.BytesIO(photos["chelsea"].read_bytes()), "chelsea.png"), "top_k": "5", "model": "default"}
+    r = client.post("/", data=form, content_type="multipart/form-data")
+    assert r.status_code == 200
+    html = r.get_data(as_text=True)
+    labels = re.findall(r'data-slot="label"[^>]*>([^<]+)<', html)
+    assert len(labels) == 5 and labels[0] in CAT_LABELS
+    assert re.search(r'data-slot="percent"[^>]*>\d+\.\d%<', html)
+    assert '<option value="5" selected>' in html  # the form keeps what was asked
+
+
+@pytest.mark.parametrize(
+    ("form", "status", "expected"),
+    [
+        ({"file": (io.BytesIO(b"just some text"), "notes.jpg")}, 415, "not an image"),
+        ({"file": (io.BytesIO(b""), "")}, 400, "Choose a photo first"),
+        ({"file": (io.BytesIO(b"\0" * (MAX_BYTES + 1)), "big.png")}, 413, "Too large to upload: the limit is 2 MB"),
+        ({"file": (io.BytesIO(b"x"), "x.png"), "model": "nope"}, 404, "not available"),
+        ({"file": (io.BytesIO(b"x"), "x.png"), "top_k": "0"}, 400, "between 1 and 20"),
+    ],
+    ids=["not-an-image", "no-file", "too-large", "unknown-model", "bad-top-k"],
+)
+def test_no_js_errors_render_a_human_message(client, form, status, expected) -> None:
+    r = client.post("/", data=form, content_type="multipart/form-data")
+    assert r.status_code == status
+    assert r.mimetype == "text/html"
+    html = r.get_data(as_text=True)
+    assert any(expected in a for a in alerts(html)), alerts(html)
+    assert "Traceback" not in html and '{"error"' not in html
+    assert 'id="classify-form"' in html  # the person can try again from the same page
+
+
+def test_no_js_form_needs_the_api_key_when_one_is_set(page_models: Path, photos) -> None:
+    app = create_app({"MODEL_DIR": str(page_models), "API_KEY": "s3cret"})
+    try:
+        client = app.test_client()
+        assert 'id="api_key"' in client.get("/").get_data(as_text=True)
+
+        def post(**extra):
+            form = {"file": (io.BytesIO(photos["chelsea"].read_bytes()), "chelsea.png"), **extra}
+            return client.post("/", data=form, content_type="multipart/form-data")
+
+        assert post().status_code == 401
+        assert post(api_key="wrong").status_code == 401
+        assert post(api_key="s3cret").status_code == 200
+    finally:
+        app.extensions["imgclf.models"].close()
+
+
+# --- in a real browser against a real gunicorn
+
+
+@pytest.fixture(scope="module")
+def server(page_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    log = tmp_path_factory.mktemp("page-gunicorn") / "gunicorn.log"
+    srv = GunicornServer(page_models, log, threads=4, env={"FLASK_MAX_CONTENT_LENGTH": str(MAX_BYTES)}).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs it with apt-get)")
+        pytest.skip("chromium is not installed: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Watched:
+    """A page with what must never happen recorded: dialogs, script errors, CSP violations."""
+
+    def __init__(self, page, base: str) -> None:
+        self.page = page
+        self.base = base
+        self.dialogs: list[str] = []
+        self.problems: list[str] = []
+        self.predict_requests = 0
+        page.on("dialog", self._dialog)
+        page.on("pageerror", lambda exc: self.problems.append(f"page error: {exc}"))
+        page.on("console", self._console)
+        page.on("request", self._request)
+
+    def _dialog(self, dialog) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    def _console(self, msg) -> None:
+        # an answer with an error status is logged by the browser; the page shows it: not a problem
+        if msg.type == "error" and not msg.text.startswith("Failed to load resource"):
+            self.problems.append(f"console: {msg.text}")
+
+    def _request(self, request) -> None:
+        if request.url.endswith("/predict"):
+            self.predict_requests += 1
+
+
+@pytest.fixture
+def make_page(browser, server):
+    contexts = []
+
+    def make(*, javascript: bool = True, width: int = 1280, height: int = 900, dark: bool = False) -> Watched:
+        context = browser.new_context(
+            java_script_enabled=javascript,
+            viewport={"width": width, "height": height},
+            device_scale_factor=1,
+            color_scheme="dark" if dark else "light",
+        )
+        context.set_default_timeout(20_000)
+        contexts.append(context)
+        watched = Watched(context.new_page(), server.base)
+        watched.page.goto(server.url("/"))
+        return watched
+
+    yield make
+    for context in contexts:
+        context.close()
+
+
+def cards(page):
+    return page.locator("#cards [data-card]")
+
+
+def choose(page, *files) -> None:
+    page.locator("#file").set_input_files(list(files))
+
+
+def classify(page) -> None:
+    page.get_by_role("button", name="Classify").click()
+    page.wait_for_selector("#submit:not([disabled])")
+    page.wait_for_function("!document.querySelector('#cards [data-slot=pending]:not([hidden])')")
+
+
+def labels_of(card) -> list[str]:
+    return card.locator("[data-slot=label]").all_text_contents()
+
+
+def percent_of_first(card) -> float:
+    text = card.locator("[data-slot=percent]").first.text_content()
+    assert re.fullmatch(r"\d{1,3}\.\d%", text), text
+    return float(text[:-1])
+
+
+def assert_clean(w: Watched) -> None:
+    assert w.dialogs == []
+    assert w.problems == []
+
+
+def test_upload_shows_cat_with_percentage_spinner_and_disabled_button(make_page, photos) -> None:
+    w = make_page()
+    page = w.page
+    assert page.evaluate("document.documentElement.classList.contains('js')")
+    choose(page, photos["chelsea"])
+    assert page.locator("#previews img").count() == 1
+    assert page.locator("#previews img").evaluate("img => img.src.startsWith('blob:')")
+    # record every state the button goes through while it works
+    page.evaluate(
+        """() => {
+        const b = document.getElementById('submit'), s = document.getElementById('spinner');
+        window.__states = [];
+        new MutationObserver(() => window.__states.push([b.disabled, !s.hidden]))
+            .observe(b, {attributes: true, subtree: true});
+    }"""
+    )
+    classify(page)
+    states = page.evaluate("window.__states")
+    assert [True, True] in states, states  # disabled, spinner showing
+    assert page.locator("#submit").is_enabled() and page.locator("#spinner").is_hidden()
+    card = cards(page).first
+    assert labels_of(card)[0] in CAT_LABELS
+    assert len(labels_of(card)) == 3
+    assert 10 < percent_of_first(card) <= 100
+    assert re.fullmatch(r"default · \d+ ms", card.locator("[data-slot=meta]").text_content())
+    assert page.locator("#results").get_attribute("aria-live") == "polite"
+    assert "Classified 1 photo" in page.locator("#status").text_content()
+    assert w.predict_requests == 1
+    assert_clean(w)
+
+
+def test_drag_and_drop_and_paste(make_page, photos) -> None:
+    w = make_page()
+    page = w.page
+    data = base64.b64encode(photos["chelsea"].read_bytes()).decode()
+    make_transfer = """(b64, name) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, {type: 'image/png'}));
+        return dt;
+    }"""
+    page.evaluate(
+        f"""([b64]) => {{
+        const dt = ({make_transfer})(b64, 'dropped.png');
+        const zone = document.getElementById('dropzone');
+        for (const type of ['dragenter', 'dragover', 'drop'])
+            zone.dispatchEvent(new DragEvent(type, {{dataTransfer: dt, bubbles: true, cancelable: true}}));
+    }}""",
+        [data],
+    )
+    page.evaluate(
+        f"""([b64]) => {{
+        const dt = ({make_transfer})(b64, 'pasted.png');
+        document.dispatchEvent(new ClipboardEvent('paste', {{clipboardData: dt, bubbles: true, cancelable: true}}));
+    }}""",
+        [data],
+    )
+    assert page.locator("#previews [data-slot=name]").all_text_contents() == ["dropped.png", "pasted.png"]
+    assert page.locator("#dropzone").get_attribute("data-dragging") is None
+    classify(page)
+    assert cards(page).count() == 2
+    for card in cards(page).all():
+        assert labels_of(card)[0] in CAT_LABELS
+    assert w.predict_requests == 1  # both photos in one request
+    assert_clean(w)
+
+
+def test_not_an_image_shows_the_message_and_the_page_stays_usable(make_page, photos, tmp_path: Path) -> None:
+    w = make_page()
+    page = w.page
+    fake = tmp_path / "holiday.jpg"
+    fake.write_text("these are my holiday notes, not a photo\n")
+    choose(page, fake)
+    classify(page)
+    error = cards(page).first.locator("[data-slot=error]")
+    assert error.is_visible(), cards(page).first.inner_html() + str(w.problems)
+    assert "not an image" in error.text_content()
+    assert "Pillow" not in error.text_content()  # the person's message, not the API's
+    # a good photo afterwards works
+    choose(page, photos["chelsea"])
+    classify(page)
+    assert cards(page).count() == 1
+    assert labels_of(cards(page).first)[0] in CAT_LABELS
+    assert cards(page).first.locator("[data-slot=error]").is_hidden()
+    assert_clean(w)
+
+
+def test_too_large_is_refused_before_upload(make_page) -> None:
+    w = make_page()
+    page = w.page
+    page.locator("#file").set_input_files(
+        [{"name": "huge.png", "mimeType": "image/png", "buffer": b"\0" * (MAX_BYTES + 10)}]
+    )
+    classify(page)
+    text = cards(page).first.locator("[data-slot=error]").text_content()
+    assert "too large" in text and "the limit is 2 MB" in text
+    assert w.predict_requests == 0
+    assert "could not be classified" in page.locator("#status").text_content()
+    assert_clean(w)
+
+
+def test_model_selector_switches_models(make_page, photos) -> None:
+    w = make_page()
+    page = w.page
+    options = page.locator("#model option").evaluate_all("os => os.map(o => o.value)")
+    assert sorted(options) == ["default", "evil", "tiny"]
+    assert page.get_by_role("combobox", name="Model").input_value() == "default"
+    page.get_by_role("combobox", name="Model").select_option("tiny")
+    page.get_by_role("combobox", name="Results").select_option("2")
+    choose(page, photos["chelsea"])
+    classify(page)
+    card = cards(page).first
+    assert card.locator("[data-slot=meta]").text_content().startswith("tiny · ")
+    got = labels_of(card)
+    assert len(got) == 2 and set(got) <= set(TINY_CLASSES)
+    assert_clean(w)
+
+
+def test_class_names_are_text_never_markup(make_page, photos) -> None:
+    w = make_page()
+    page = w.page
+    page.get_by_role("combobox", name="Model").select_option("evil")
+    choose(page, photos["coffee"])
+    classify(page)
+    assert EVIL_LABEL in labels_of(cards(page).first)
+    assert page.locator("#cards img:not([data-slot])").count() == 0
+    page.wait_for_timeout(200)  # an onerror handler would have fired by now
+    assert_clean(w)
+
+
+def test_without_javascript_the_form_still_works(make_page, photos) -> None:
+    w = make_page(javascript=False)
+    page = w.page
+    choose(page, photos["chelsea"])
+    with page.expect_navigation():
+        page.get_by_role("button", name="Classify").click()
+    card = cards(page).first
+    assert labels_of(card)[0] in CAT_LABELS
+    assert percent_of_first(card) > 10
+    # the same path with the hostile model: the class name is shown as text
+    page.get_by_role("combobox", name="Model").select_option("evil")
+    choose(page, photos["coffee"])
+    with page.expect_navigation():
+        page.get_by_role("button", name="Classify").click()
+    assert EVIL_LABEL in labels_of(cards(page).first)
+    assert page.locator("#cards img:not([data-slot])").count() == 0
+    assert_clean(w)
+
+
+@pytest.mark.parametrize(
+    ("name", "width", "height", "dark"),
+    [("desktop", 1280, 900, False), ("phone", 390, 844, False), ("desktop-dark", 1280, 900, True)],
+)
+def test_screenshots(make_page, photos, name: str, width: int, height: int, dark: bool) -> None:
+    """Saved under test-artifacts/ to look at: the page after classifying two photos."""
+    w = make_page(width=width, height=height, dark=dark)
+    page = w.page
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"page-{name}-empty.png", full_page=True)
+    choose(page, photos["chelsea"], photos["coffee"])
+    classify(page)
+    assert cards(page).count() == 2
+    page.screenshot(path=ARTIFACTS / f"page-{name}.png", full_page=True)
+    # nothing wider than the screen (no sideways scrolling on a phone)
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    assert_clean(w)
+
+
+def test_keyboard_order_and_labels(make_page) -> None:
+    w = make_page()
+    page = w.page
+    order = []
+    for _ in range(8):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.id || document.activeElement.textContent.trim()"))
+    # skip link, header links, then the form in reading order
+    assert order[0] == "Skip to content"
+    form_part = [x for x in order if x in ("file", "model", "top_k", "submit")]
+    assert form_part == ["file", "model", "top_k", "submit"], order
+    for label in ("Model", "Results"):
+        assert page.get_by_role("combobox", name=label).count() == 1
+    assert page.locator("#file").evaluate("el => el.labels.length") >= 1
+    assert requests.get(w.base + "/").headers["Content-Security-Policy"].startswith("default-src 'self'")
+    assert_clean(w)
