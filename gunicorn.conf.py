@@ -12,7 +12,9 @@ Choices for this project's machine (2 CPU cores, no GPU), which the Performance 
   throughput here; with it batch 8 ran ~4x faster than under the defaults.
 - bind 127.0.0.1:8000: local only unless --bind or GUNICORN_CMD_ARGS="--bind 0.0.0.0:8000" says otherwise.
 - timeout 60 s: a worker stuck that long is restarted; a request normally takes tens of milliseconds.
-- access log on stdout, error log on stderr.
+- GUNICORN_READ_TIMEOUT (default 20 s): a client must send each whole request (headers and body) within
+  it, or its connection is closed: trickling clients (slowloris) cannot hold the request threads.
+- access log on stdout (without query strings or user names: they may hold secrets), error log on stderr.
 - Prometheus multiprocess mode: every worker writes its samples to files in PROMETHEUS_MULTIPROC_DIR
   (a fresh temporary folder unless already set) so /metrics adds up all workers; a dead worker's
   files are marked, and the folder is removed when gunicorn exits.
@@ -26,12 +28,16 @@ from pathlib import Path
 
 bind = ["127.0.0.1:8000"]
 workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
-worker_class = "gthread"
+# gthread plus a deadline for receiving each request (serving/worker.py): slow clients cannot hold threads
+worker_class = "serving.worker.DeadlineThreadWorker"
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 timeout = 60
 graceful_timeout = 30
 keepalive = 5
 accesslog = "-"
+# No query string (a client may put a key or token there by mistake), no Basic-auth user name (gunicorn
+# would log `curl -u KEY:`'s key as the user) and no Referer; the request id ties a line to the app's log.
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms "%(a)s" id=%({x-request-id}o)s'
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
 # models are loaded in each worker after the fork (no preload): threads and torch's pools start there

@@ -64,6 +64,35 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
 
 
+class LimitAspectRatio:
+    """Cut the long side of extreme images to ``max_ratio`` times the short side, around the centre.
+
+    The eval transform resizes the short side to ``resize`` and keeps the centre: on a 1x10000 image that
+    first made a 256x2,560,000 picture (2.6 GB and 12 s for one request) to keep 224x224 of it. The
+    centre crop only ever uses the central short side's worth of the long side, so cutting to 16x the
+    short side keeps those pixels, and the resize filter's support around them; ordinary photos (up to
+    16:1) are not touched.
+    """
+
+    def __init__(self, max_ratio: int = 16) -> None:
+        if max_ratio < 1:
+            raise ValueError("max_ratio must be at least 1")
+        self.max_ratio = max_ratio
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        width, height = img.size
+        short, long = min(width, height), max(width, height)
+        if long <= self.max_ratio * short:
+            return img
+        keep = self.max_ratio * short
+        start = (long - keep) // 2
+        box = (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
+        return img.crop(box)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(max_ratio={self.max_ratio})"
+
+
 def _interpolation(name: str) -> v2.InterpolationMode:
     return v2.InterpolationMode(name)
 
@@ -81,6 +110,7 @@ def build_eval_transform(prep: Mapping[str, Any]) -> v2.Compose:
     return v2.Compose(
         [
             ToModelMode(prep["channels"]),
+            LimitAspectRatio(),
             v2.Resize(prep["resize"], interpolation=_interpolation(prep["interpolation"]), antialias=True),
             v2.CenterCrop(prep["crop"]),
             *_normalize_tail(prep),

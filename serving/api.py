@@ -113,6 +113,11 @@ def read_uploads() -> list[tuple[str, bytes]]:
         return [((f.filename or "")[:MAX_FILENAME], f.read()) for f in files]
     if mimetype.startswith("image/") or mimetype in RAW_BODY_TYPES:
         data = request.get_data(cache=False)
+        if request.content_length is not None and len(data) < request.content_length:
+            # the client went away (or was cut off as too slow) before sending all it announced
+            raise ApiError(
+                400, "incomplete_body", f"got {len(data):,} of the {request.content_length:,} bytes announced"
+            )
         # A streamed (chunked) body is cut at MAX_CONTENT_LENGTH by Werkzeug without an error when it is
         # read in one go: a body that reached the limit is treated as over it.
         if request.content_length is None and len(data) >= current_app.config["MAX_CONTENT_LENGTH"]:

@@ -152,3 +152,17 @@ def tiff_with_broken_second_page() -> bytes:
         if struct.unpack_from("<H", data, entry)[0] == 256:  # ImageWidth
             struct.pack_into("<H", data, entry, 0xFF00)
     return bytes(data)
+
+
+def worker_pids(master_pid: int) -> set[int]:
+    """PIDs of a gunicorn master's worker processes (its children), from /proc."""
+    children = Path(f"/proc/{master_pid}/task/{master_pid}/children")
+    return {int(p) for p in children.read_text().split()} if children.exists() else set()
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for {pid}")
