@@ -19,20 +19,19 @@ from flask import Blueprint, Response, current_app, render_template, request, ur
 
 from serving.api import classify, parse_top_k, pick_model, read_uploads, registry
 from serving.errors import ApiError, handle_error
+from serving.http import content_security_policy
 
 bp = Blueprint("pages", __name__)
 
-# Added to the headers every response gets in serving/http.py (nosniff, Referrer-Policy, X-Frame-Options),
-# which only sets what is not already set. No inline script or style anywhere: the page's JS and CSS
-# are files under static/; previews are blob: URLs.
+# Added to the headers every response gets in serving/http.py (nosniff, Referrer-Policy, X-Frame-Options,
+# CORP), which only sets what is not already set; the CSP comes from its content_security_policy().
+# No inline script or style anywhere: the page's JS and CSS are files under static/; previews are blob: URLs.
 PAGE_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
-        "form-action 'self'; frame-ancestors 'none'"
+    "Content-Security-Policy": content_security_policy(
+        default_src="'self'", img_src="'self' blob: data:", object_src="'none'", form_action="'self'"
     ),
     "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=(), usb=()",
     "Cross-Origin-Opener-Policy": "same-origin",
-    "Cross-Origin-Resource-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
