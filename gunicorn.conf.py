@@ -36,6 +36,9 @@ errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
 # models are loaded in each worker after the fork (no preload): threads and torch's pools start there
 preload_app = False
+# gunicorn 27's control socket defaults to one fixed path per user ($HOME/.gunicorn/gunicorn.ctl), so two
+# servers on one machine (tests, a second instance) would fight over it; nothing here uses it.
+control_socket_disable = True
 
 # Must be in the environment before any worker imports prometheus_client.
 _OWNED_FLAG = "IMGCLF_PROMETHEUS_DIR_OWNED"

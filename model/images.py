@@ -58,7 +58,7 @@ def decode_image(
             raise ImageDecodeError("not_an_image", "the file is not an image Pillow can read") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageDecodeError("too_many_pixels", "the image has too many pixels") from None
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (OSError, SyntaxError, ValueError, TypeError, KeyError, EOFError, IndexError, struct.error) as exc:
             raise ImageDecodeError("corrupt_image", f"the image header is invalid: {_short(exc)}") from None
         if img.format not in ACCEPTED_FORMATS:
             raise ImageDecodeError(
@@ -81,7 +81,8 @@ def decode_image(
             img = ImageOps.exif_transpose(img)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageDecodeError("too_many_pixels", "the image has too many pixels") from None
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
+        # TypeError/KeyError: Pillow's TIFF reader on a broken later page (found by fuzzing; was a 500)
+        except (OSError, SyntaxError, ValueError, TypeError, KeyError, EOFError, IndexError, struct.error) as exc:
             raise ImageDecodeError("corrupt_image", f"the image data is truncated or corrupt: {_short(exc)}") from None
     return img
 

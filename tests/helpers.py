@@ -63,33 +63,34 @@ class GunicornServer:
         return self.base + path
 
     def start(self, timeout: float = 90.0) -> GunicornServer:
+        """Start and wait for /readyz; on any failure the process is stopped before raising."""
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._log = log
         cmd = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", *self.args, "app:create_app()"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             try:
                 if requests.get(self.url("/readyz"), timeout=2).status_code == 200:
-                    return self
+                    return
             except (requests.ConnectionError, requests.Timeout):  # bound, but no worker ready yet
                 pass
             time.sleep(0.2)
-        self.stop()
         raise RuntimeError(f"gunicorn not ready after {timeout}s:\n{self.log()[-3000:]}")
 
-    def wait_exit(self, timeout: float = 60.0) -> int:
-        """For a server expected to refuse to start: its exit code."""
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._log.close()
-
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (graceful), then the exit code; SIGKILL only if it hangs."""
+        """SIGTERM (graceful), then the exit code; SIGKILL only if it hangs. Safe to call twice."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -99,7 +100,8 @@ class GunicornServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
         return self.proc.returncode
 
     def log(self) -> str:
@@ -137,3 +139,16 @@ def top_label(body: Mapping[str, object]) -> str:
 
 
 CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat"}
+
+
+def tiff_with_broken_second_page() -> bytes:
+    """A two-page TIFF whose second page lacks its width tag (Pillow raised TypeError on it)."""
+    pages = [Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")]
+    data = bytearray(image_bytes(pages[0], "TIFF", save_all=True, append_images=pages[1:]))
+    first = struct.unpack_from("<I", data, 4)[0]
+    second = struct.unpack_from("<I", data, first + 2 + 12 * struct.unpack_from("<H", data, first)[0])[0]
+    for i in range(struct.unpack_from("<H", data, second)[0]):
+        entry = second + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 256:  # ImageWidth
+            struct.pack_into("<H", data, entry, 0xFF00)
+    return bytes(data)

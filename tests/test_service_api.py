@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_bundle
 from flask import request
-from helpers import CAT_LABELS, image_bytes, metric_samples, png_header_only, top_label
+from helpers import CAT_LABELS, image_bytes, metric_samples, png_header_only, tiff_with_broken_second_page, top_label
 from openapi_spec_validator import validate
 from PIL import Image
 
@@ -184,6 +184,10 @@ def test_truncated_images(client, photos) -> None:
     assert_error(post_file(client, jpeg[: len(jpeg) // 2], "cut.jpg"), 422, "corrupt_image")
     png = photos["coffee"].read_bytes()
     assert_error(post_file(client, png[: len(png) // 2], "cut.png"), 422, "corrupt_image")
+
+
+def test_broken_tiff_page_is_422_not_500(client) -> None:
+    assert_error(post_file(client, tiff_with_broken_second_page(), "pages.tif"), 422, "corrupt_image")
 
 
 def test_too_many_pixels(client) -> None:

@@ -131,3 +131,12 @@ def test_closed_batcher_refuses_work(tiny: Predictor) -> None:
     assert not batcher.alive
     with pytest.raises(BatcherClosed):
         batcher.submit(torch.randn(1, *tiny.input_shape))
+
+
+def test_malloc_keeps_freed_memory_on_glibc() -> None:
+    import platform
+
+    from serving.allocator import keep_freed_memory
+
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is expected
