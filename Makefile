@@ -8,7 +8,7 @@ PORT ?= 8000
 
 .PHONY: setup run test lint format default-model css clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements-serve.txt requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
