@@ -68,8 +68,14 @@ class ModelRegistry:
     ) -> ModelRegistry:
         folder = Path(model_dir)
         if default == BUILT_IN_DEFAULT and not (folder / f"{default}.pth").exists():
-            with _folder_lock(folder):  # several workers may start at once: one builds, the others wait
-                ensure_default_model(folder / f"{default}.pth")
+            try:
+                with _folder_lock(folder):  # several workers may start at once: one builds, the others wait
+                    ensure_default_model(folder / f"{default}.pth")
+            except OSError as exc:  # e.g. a read-only mounted folder of the user's own bundles
+                raise ModelLoadError(
+                    f"{folder.resolve()} has no {default}.pth and it cannot be built there ({exc}); "
+                    f"set FLASK_DEFAULT_MODEL to one of your bundles' names"
+                ) from None
         paths = sorted(folder.glob("*.pth")) if folder.is_dir() else []
         if not paths:
             raise ModelLoadError(f"no model bundles (*.pth) in {folder.resolve()}")

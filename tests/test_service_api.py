@@ -371,3 +371,15 @@ def test_built_in_default_is_built_when_missing(tmp_path, photos) -> None:
     assert (tmp_path / "models" / "default.pth").is_file()
     r = app.test_client().post("/predict", data=photos["chelsea"].read_bytes(), content_type="image/png")
     assert top_label(r.get_json()) in CAT_LABELS
+
+
+def test_read_only_folder_without_default_fails_with_guidance(tmp_path, monkeypatch) -> None:
+    # A read-only mount cannot be made for root here: the file system's refusal is simulated.
+    tiny_bundle(tmp_path / "mine.pth", TINY_CLASSES)
+
+    def read_only(path):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr("serving.registry.ensure_default_model", read_only)
+    with pytest.raises(ModelLoadError, match="has no default.pth and it cannot be built there.*FLASK_DEFAULT_MODEL"):
+        create_app({"MODEL_DIR": str(tmp_path)})
