@@ -21,7 +21,7 @@ RECIPES = {
     # The default small recipe: the README's quick training example.
     "small": "--arch simple_cnn --epochs 10 --cache",
     # A longer recipe: a wider network, more epochs, random erasing.
-    "long": "--arch simple_cnn --arch-kwargs {\"width\":48} --epochs 30 --random-erasing 0.25 --cache",
+    "long": '--arch simple_cnn --arch-kwargs {"width":48} --epochs 30 --random-erasing 0.25 --cache',
 }
 
 
