@@ -7,9 +7,10 @@ Choices for this project's machine (2 CPU cores, no GPU), which the Performance 
   one place where batches form. The model (ONNX Runtime by default, FLASK_BACKEND) gets every CPU
   this worker may use (FLASK_TORCH_THREADS, set below to CPUs // workers, sched_getaffinity aware), so
   workers × model threads never exceed the cores. Measured with bench/serve.py on the 2-core machine
-  (README, Performance): 1 worker × 2 threads beat 2 workers × 1 thread at 16 clients and matched it
-  at 1 and 4. More workers: WEB_CONCURRENCY=2 (each then gets 1 thread); more request threads:
-  GUNICORN_THREADS. Both can also be given on the command line or in GUNICORN_CMD_ARGS.
+  (README, Performance): 1 worker × 2 threads and 2 workers × 1 thread took turns winning across three
+  runs, so one worker (one copy of the models) stays the default. More workers: WEB_CONCURRENCY=2
+  (each then gets 1 thread); more request threads: GUNICORN_THREADS. Both can also be given on the
+  command line or in GUNICORN_CMD_ARGS.
 - Each worker makes glibc keep freed memory (model/allocator.py, mmap and trim thresholds 1 GiB, checked
   with a probe): without it batching loses throughput here; with it batch 8 ran ~4x faster.
 - bind 127.0.0.1:8000: local only unless --bind or GUNICORN_CMD_ARGS="--bind 0.0.0.0:8000" says otherwise.
