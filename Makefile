@@ -19,9 +19,13 @@ setup: $(STAMP)
 models/default.pth: | $(STAMP)
 	$(PY) -m model.default --out $@
 
-default-model: models/default.pth
+# the ONNX export the service's default backend runs (it would otherwise export it at start, in seconds)
+models/default.onnx: models/default.pth
+	$(PY) -m model.export --bundle $< --format onnx
 
-run: setup models/default.pth
+default-model: models/default.pth models/default.onnx
+
+run: setup models/default.pth models/default.onnx
 	$(VENV)/bin/gunicorn --config gunicorn.conf.py "app:create_app()"
 
 # static/app.css is committed (the Docker image needs no build step); tests/test_page.py fails when it is

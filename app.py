@@ -51,6 +51,8 @@ def load_models(app: Flask, metrics: Metrics) -> ModelRegistry:
         cfg["MODEL_DIR"],
         default=cfg["DEFAULT_MODEL"],
         device=cfg["DEVICE"],
+        backend=cfg["BACKEND"],
+        onnx_dir=cfg["ONNX_DIR"],
         num_threads=cfg["TORCH_THREADS"],
         batch_max_size=cfg["BATCH_MAX_SIZE"],
         batch_max_delay_ms=cfg["BATCH_MAX_DELAY_MS"],

@@ -4,12 +4,15 @@ Choices for this project's machine (2 CPU cores, no GPU), which the Performance 
 - 1 worker process with 8 gthread request threads: the threads decode and preprocess uploads in
   parallel and hand their tensors to the worker's dynamic batcher, which runs one forward pass for up
   to 8 waiting images (FLASK_BATCH_MAX_SIZE). One worker means one copy of the models in memory and
-  one place where batches form. Torch gets every CPU this worker may use (FLASK_TORCH_THREADS, set
-  below to CPUs // workers), so workers × torch threads never exceed the cores.
-  More workers: WEB_CONCURRENCY=2 (each then gets 1 torch thread); more request threads:
-  GUNICORN_THREADS. Both can also be given on the command line or in GUNICORN_CMD_ARGS.
-- Each worker makes glibc keep freed memory (serving/allocator.py): without it batching loses
-  throughput here; with it batch 8 ran ~4x faster than under the defaults.
+  one place where batches form. The model (ONNX Runtime by default, FLASK_BACKEND) gets every CPU
+  this worker may use (FLASK_TORCH_THREADS, set below to CPUs // workers, sched_getaffinity aware), so
+  workers × model threads never exceed the cores. Measured with bench/serve.py on the 2-core machine
+  (README, Performance): 1 worker × 2 threads and 2 workers × 1 thread took turns winning across three
+  runs, so one worker (one copy of the models) stays the default. More workers: WEB_CONCURRENCY=2
+  (each then gets 1 thread); more request threads: GUNICORN_THREADS. Both can also be given on the
+  command line or in GUNICORN_CMD_ARGS.
+- Each worker makes glibc keep freed memory (model/allocator.py, mmap and trim thresholds 1 GiB, checked
+  with a probe): without it batching loses throughput here; with it batch 8 ran ~4x faster.
 - bind 127.0.0.1:8000: local only unless --bind or GUNICORN_CMD_ARGS="--bind 0.0.0.0:8000" says otherwise.
 - timeout 60 s: a worker stuck that long is restarted; a request normally takes tens of milliseconds.
 - GUNICORN_READ_TIMEOUT (default 20 s): a client must send each whole request (headers and body) within
@@ -63,11 +66,11 @@ def on_starting(server):
 
 
 def post_fork(server, worker):
-    from serving.allocator import keep_freed_memory
+    from model.allocator import tune_glibc_malloc
 
     if "FLASK_TORCH_THREADS" not in os.environ:
         os.environ["FLASK_TORCH_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // max(1, server.cfg.workers)))
-    keep_freed_memory()
+    tune_glibc_malloc()
 
 
 def child_exit(server, worker):

@@ -33,9 +33,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", default="models/default.pth", help="model whose preprocessing (default: %(default)s)")
     p.add_argument("--jpeg-mp", default="0.3,3,12", help="JPEG sizes in megapixels (default: %(default)s)")
     p.add_argument("--png-mp", type=float, default=12, help="PNG size in megapixels (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads, 0 = CPUs available (default: %(default)s)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="the models' threads, 0 = CPUs available (default: %(default)s)"
+    )
+    p.add_argument(
+        "--preprocess-threads",
+        type=int,
+        default=1,
+        help="torch threads while preprocessing; 1 is what the service's onnx backend uses (default: %(default)s)",
+    )
     p.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds per cell (default: %(default)s)")
     p.add_argument("--min-iters", type=int, default=5, help="timed calls per cell at least (default: %(default)s)")
+    p.add_argument(
+        "--onnx",
+        default=None,
+        help="ONNX export to time too, the service's default backend (default: the bundle's .onnx if present)",
+    )
     p.add_argument("--json", default=None, help="results file (default: bench/results/preprocess-<time>.json)")
     return p
 
@@ -63,12 +76,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     x = torch.zeros((1, *predictor.input_shape))
     model_s = median(time_call(lambda: predictor.infer(x), min_seconds=args.min_seconds, min_iters=args.min_iters))
+    onnx_path = Path(args.onnx) if args.onnx else path.with_suffix(".onnx")
+    onnx_s = None
+    if onnx_path.is_file():
+        from model.onnx_runner import OnnxPredictor
+
+        ort = OnnxPredictor(onnx_path, device="cpu", num_threads=args.threads or None)
+        onnx_s = median(time_call(lambda: ort.infer(x), min_seconds=args.min_seconds, min_iters=args.min_iters))
 
     china = next(p for p in sample_photos() if p.name == "china.jpg")
     source = Image.open(china).convert("RGB")
     cases = [(f"JPEG {mp} MP", make_image(source, float(mp), "JPEG")) for mp in args.jpeg_mp.split(",")]
     cases.append((f"PNG {args.png_mp:g} MP", make_image(source, args.png_mp, "PNG")))
 
+    torch.set_num_threads(args.preprocess_threads)
     rows = []
     for label, data in cases:
         size = Image.open(io.BytesIO(data)).size
@@ -93,23 +114,29 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     "decode_ms": dec * 1e3,
                     "decode_transform_ms": tot * 1e3,
                     "fraction_of_model": tot / model_s,
+                    "fraction_of_onnx_model": tot / onnx_s if onnx_s else None,
                 }
             )
     result = {
         "cpu": cpu_info(),
         "loadavg": os.getloadavg(),
+        "preprocess_threads": args.preprocess_threads,
         "model": {"arch": predictor.arch, "threads": predictor.num_threads, "batch1_ms": model_s * 1e3},
+        "onnx_model": {"file": str(onnx_path), "batch1_ms": onnx_s * 1e3} if onnx_s else None,
         "preprocessing": prep,
         "rows": rows,
     }
     print(f"model {predictor.arch}, eager torch, batch 1, {predictor.num_threads} threads: {model_s * 1e3:.1f} ms")
-    print("| image | pixels | draft | decoded to | decode ms | decode+transform ms | × model batch-1 time |")
-    print("|---|---|---|---|---|---|---|")
+    if onnx_s:
+        print(f"model under ONNX Runtime ({onnx_path}), batch 1: {onnx_s * 1e3:.1f} ms")
+    print("| image | pixels | draft | decoded to | decode ms | decode+transform ms | × eager batch-1 | × ORT batch-1 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['image']} | {r['size'][0]}x{r['size'][1]} | {'on' if r['draft'] else 'off'} | "
             f"{r['decoded_size'][0]}x{r['decoded_size'][1]} | {r['decode_ms']:.1f} | {r['decode_transform_ms']:.1f} | "
-            f"{r['fraction_of_model']:.0%} |"
+            f"{r['fraction_of_model']:.0%} | "
+            + (f"{r['fraction_of_onnx_model']:.0%} |" if r["fraction_of_onnx_model"] else "- |")
         )
     print(f"\nwrote {write_results('preprocess', result, args.json)}")
     return result

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from model.bundle import load_bundle
+from model.bundle import _current_umask, load_bundle
 from model.export_metadata import METADATA_KEYS, metadata_from_bundle, parse_metadata
 from model.images import decode_image
 from model.transforms import build_eval_transform
@@ -105,8 +105,12 @@ def export_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     exporter: str = "auto",
+    extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``model`` as one self-describing ONNX file with a dynamic batch axis; returns the path."""
+    """Write ``model`` as one self-describing ONNX file with a dynamic batch axis; returns the path.
+
+    ``extra_metadata``: more metadata properties, e.g. the bundle file's hash (model.onnx_files).
+    """
     import onnx
 
     dynamo = _pick_exporter(opset, exporter)
@@ -141,7 +145,7 @@ def export_onnx(
     got = _default_opset(proto)
     if got != opset:
         raise RuntimeError(f"asked for opset {opset} but the exporter wrote opset {got}")
-    return write_onnx(proto, out, metadata_from_bundle(bundle))
+    return write_onnx(proto, out, {**metadata_from_bundle(bundle), **(extra_metadata or {})})
 
 
 def _default_opset(proto: Any) -> int:
@@ -159,9 +163,12 @@ def write_onnx(proto: Any, out: str | os.PathLike[str], metadata: Mapping[str, s
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
     try:
+        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp's 0600 would hide the file from a server's user
+        os.close(fd)
         onnx.save_model(proto, tmp, save_as_external_data=False)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -386,9 +393,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         with torch.inference_mode():
             report["fp32"] = {"file": str(out), **compare(reference, softmax_probs(module(batch), temperature))}
     else:
+        from model.onnx_files import SHA_KEY, file_sha256
         from model.onnx_runner import OnnxPredictor
 
-        export_onnx(bundle, model, out, opset=args.opset, exporter=args.exporter)
+        sha = {SHA_KEY: file_sha256(args.bundle)}  # lets the service tell this export is of this bundle
+        export_onnx(bundle, model, out, opset=args.opset, exporter=args.exporter, extra_metadata=sha)
         fp32 = OnnxPredictor(out, device="cpu", warmup=False)
         fp32_probs = fp32.infer(batch)
         report["fp32"] = {"file": str(out), "opset": args.opset, **compare(reference, fp32_probs)}

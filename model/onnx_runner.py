@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,14 @@ def session_options(num_threads: int | None = None, *, spinning: bool = True) ->
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return opts
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """An ONNX file's metadata properties, read by ONNX Runtime without optimising the graph (fast)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return dict(session.get_modelmeta().custom_metadata_map)
 
 
 def providers_for(device: str = "auto") -> list[str]:
@@ -69,6 +78,7 @@ class OnnxPredictor:
         num_threads: int | None = None,
         spinning: bool = True,
         warmup: bool = True,
+        training: dict[str, Any] | None = None,
     ) -> None:
         started = time.perf_counter()
         self.path = Path(path)
@@ -77,8 +87,9 @@ class OnnxPredictor:
         self.num_threads = opts.intra_op_num_threads
         self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers_for(device))
         self.providers: list[str] = self.session.get_providers()
-        meta = self.session.get_modelmeta().custom_metadata_map
-        info = parse_metadata(meta, source=str(self.path))
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        info = parse_metadata(self.metadata, source=str(self.path))
+        self.training = training or {}
         self.class_names: list[str] = info["class_names"]
         self.preprocessing: dict[str, Any] = info["preprocessing"]
         self.arch_info: dict[str, Any] = info["arch"]
@@ -97,6 +108,43 @@ class OnnxPredictor:
             self.num_threads,
             self.load_seconds,
         )
+
+    @classmethod
+    def for_bundle(
+        cls, bundle_path: str | os.PathLike[str], *, onnx_dir: str | os.PathLike[str] | None = None, **kwargs: Any
+    ) -> OnnxPredictor:
+        """Serve a bundle through its ONNX export (see model.onnx_files), exporting it first if missing or stale.
+
+        The bundle is still read: it is validated, and its training record is what ``describe`` reports.
+        """
+        from model.bundle import read_bundle
+        from model.onnx_files import export_for_serving, exported_sha, file_sha256, onnx_candidates
+
+        started = time.perf_counter()
+        bundle_path = Path(bundle_path)
+        bundle = read_bundle(bundle_path)
+        sha = file_sha256(bundle_path)
+        kwargs.setdefault("name", bundle_path.stem)
+        kwargs["training"] = bundle.get("training")
+        warmup = kwargs.pop("warmup", True)
+        candidates = onnx_candidates(bundle_path, onnx_dir)
+        predictor = None
+        for path in candidates:
+            if exported_sha(path) == sha:
+                predictor = cls(path, warmup=warmup, **kwargs)
+                break
+        if predictor is None:
+            try:
+                out = export_for_serving(bundle_path, candidates[0], sha)
+            except OSError as exc:  # a read-only model folder (a container's mount): export to a temp folder
+                if onnx_dir:
+                    raise
+                fallback = Path(tempfile.gettempdir()) / "imgclf-onnx" / candidates[0].name
+                logger.warning("cannot write %s (%s); exporting to %s instead", candidates[0], exc, fallback)
+                out = export_for_serving(bundle_path, fallback, sha)
+            predictor = cls(out, warmup=warmup, **kwargs)
+        predictor.load_seconds = time.perf_counter() - started  # with the warm-up, like Predictor.from_file
+        return predictor
 
     @property
     def arch(self) -> str:
@@ -135,6 +183,8 @@ class OnnxPredictor:
             "class_names": self.class_names,
             "preprocessing": self.preprocessing,
             "temperature": self.temperature,
-            "backend": "onnxruntime",
+            "metrics": self.training.get("metrics", {}),
+            "created": self.training.get("date"),
+            "backend": "onnx",
             "providers": self.providers,
         }

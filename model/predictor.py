@@ -151,4 +151,5 @@ class Predictor:
             "temperature": self.temperature,
             "metrics": training.get("metrics", {}),
             "created": training.get("date"),
+            "backend": "torch",
         }

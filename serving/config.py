@@ -12,6 +12,8 @@ from typing import Any
 from model.images import DEFAULT_MAX_PIXELS
 from model.predictor import DEVICES
 
+BACKENDS = ("onnx", "torch")
+
 DEFAULTS: dict[str, Any] = {
     # folder whose *.pth bundles are served, each under its file stem
     "MODEL_DIR": "models",
@@ -19,7 +21,12 @@ DEFAULTS: dict[str, Any] = {
     "DEFAULT_MODEL": "default",
     # auto | cpu | cuda
     "DEVICE": "auto",
-    # torch intra-op threads per worker; 0 = the CPUs this process may use
+    # onnx: ONNX Runtime runs each bundle's export (<stem>.onnx, made at start when missing or stale);
+    # torch: eager PyTorch. Same answers (probabilities within 1e-4), same batching; onnx is 3-7x faster here.
+    "BACKEND": "onnx",
+    # folder for the .onnx exports; unset = beside each bundle (set it when the model folder is read-only)
+    "ONNX_DIR": None,
+    # intra-op threads per worker for either backend; 0 = the CPUs this process may use
     "TORCH_THREADS": 0,
     # largest request body in bytes, enforced while streaming too (Flask's own setting)
     "MAX_CONTENT_LENGTH": 10 * 1024 * 1024,
@@ -31,8 +38,9 @@ DEFAULTS: dict[str, Any] = {
     "TOP_K_MAX": 20,
     # dynamic batching: most images in one forward pass (1 = off: one at a time under a lock) ...
     "BATCH_MAX_SIZE": 8,
-    # ... and the longest the oldest waiting request is held for others to join
-    "BATCH_MAX_DELAY_MS": 2.0,
+    # ... and the longest the oldest waiting request is held for others to join. 0: a batch is what queued
+    # while the previous pass ran (under load batches still form; a lone request never waits)
+    "BATCH_MAX_DELAY_MS": 0.0,
     # when set, POST /predict needs `Authorization: Bearer <key>`
     "API_KEY": None,
 }
@@ -76,6 +84,9 @@ def check_config(config: MutableMapping[str, Any]) -> None:
         )
     if config["DEVICE"] not in DEVICES:
         raise ConfigError(f"DEVICE must be one of {DEVICES}, not {config['DEVICE']!r}")
+    if config["BACKEND"] not in BACKENDS:
+        raise ConfigError(f"BACKEND must be one of {BACKENDS}, not {config['BACKEND']!r}")
+    config["ONNX_DIR"] = str(config["ONNX_DIR"]) if config.get("ONNX_DIR") not in (None, "") else None
     config["MODEL_DIR"] = str(config["MODEL_DIR"])
     config["DEFAULT_MODEL"] = str(config["DEFAULT_MODEL"])
     key = config.get("API_KEY")

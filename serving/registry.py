@@ -17,7 +17,8 @@ from typing import Any
 
 from model.bundle import BundleError
 from model.default import ensure_default_model
-from model.predictor import Predictor
+from model.onnx_runner import OnnxPredictor
+from model.predictor import Predictor, configure_threads
 from serving.batching import Batcher
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class ModelLoadError(RuntimeError):
 class ServedModel:
     """A predictor and the batcher in front of its ``infer``."""
 
-    def __init__(self, predictor: Predictor, batcher: Batcher, load_seconds: float) -> None:
+    def __init__(self, predictor: Predictor | OnnxPredictor, batcher: Batcher, load_seconds: float) -> None:
         self.predictor = predictor
         self.batcher = batcher
         self.load_seconds = load_seconds
@@ -62,6 +63,8 @@ class ModelRegistry:
         default: str,
         device: str,
         num_threads: int | None,
+        backend: str = "torch",
+        onnx_dir: str | None = None,
         batch_max_size: int,
         batch_max_delay_ms: float,
         on_batch: Callable[[str, int, float], None] | None = None,
@@ -86,7 +89,7 @@ class ModelRegistry:
         for path in paths:
             started = time.perf_counter()
             try:
-                predictor = Predictor.from_file(path, device=device, num_threads=num_threads or None)
+                predictor = load_predictor(path, backend, device=device, num_threads=num_threads, onnx_dir=onnx_dir)
             except BundleError as exc:  # its message names the file
                 raise ModelLoadError(f"cannot serve the bundle {exc}") from exc
             except (RuntimeError, ValueError, OSError) as exc:
@@ -124,6 +127,20 @@ class ModelRegistry:
         self.draining = True
         for served in self.models.values():
             served.batcher.close()
+
+
+def load_predictor(
+    path: Path, backend: str, *, device: str, num_threads: int | None, onnx_dir: str | None
+) -> Predictor | OnnxPredictor:
+    """One bundle, loaded and warm, on the chosen backend."""
+    if backend == "torch":
+        return Predictor.from_file(path, device=device, num_threads=num_threads or None)
+    if backend != "onnx":
+        raise ValueError(f"unknown backend {backend!r}")
+    # torch only preprocesses single images here: its own thread pool would just compete with ONNX
+    # Runtime's for the same cores. ONNX Runtime's pool does not spin when idle, for the same reason.
+    configure_threads(1)
+    return OnnxPredictor.for_bundle(path, onnx_dir=onnx_dir, device=device, num_threads=num_threads, spinning=False)
 
 
 @contextmanager

@@ -1,0 +1,90 @@
+"""Where the service finds the ONNX export of a bundle, and how it knows the export is of *this* bundle.
+
+An export carries the SHA-256 of the bundle file it was made from (metadata ``bundle_sha256``), so a
+bundle replaced by retraining is never served through a stale ``.onnx``. The export of ``models/x.pth``
+is ``models/x.onnx`` (or ``<onnx_dir>/x.onnx`` when a separate folder is configured, e.g. because the
+model folder is read-only); for a symlinked bundle, the ``.onnx`` beside the link's target counts too.
+A missing or stale export is written at start-up (seconds: ``python -m model.export`` or ``make models``
+does it ahead of time), under a file lock so that several workers export once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SHA_KEY = "bundle_sha256"
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def onnx_candidates(bundle_path: str | os.PathLike[str], onnx_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Where an export of ``bundle_path`` may be, in order; the first is where a new export is written."""
+    path = Path(bundle_path)
+    if onnx_dir:
+        return [Path(onnx_dir) / f"{path.stem}.onnx"]
+    found = [path.with_suffix(".onnx")]
+    target = path.resolve().with_suffix(".onnx")
+    if target != found[0].resolve():
+        found.append(target)
+    return found
+
+
+def exported_sha(path: Path) -> str | None:
+    """The bundle hash an export was made from; None when the file is missing, unreadable or has none."""
+    from model.onnx_runner import read_metadata
+
+    if not path.is_file():
+        return None
+    try:
+        return read_metadata(path).get(SHA_KEY)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises plain Exception subclasses (InvalidProtobuf...)
+        logger.warning("cannot read %s (%s): it will be exported again", path, str(exc).splitlines()[0][:200])
+        return None
+
+
+def export_for_serving(bundle_path: str | os.PathLike[str], out: Path, sha: str) -> Path:
+    """Export ``bundle_path`` to ``out`` (atomically) unless another process did while we waited."""
+    try:
+        with _file_lock(out.parent / f".{out.name}.lock"):
+            return _export_locked(bundle_path, out, sha)
+    except PermissionError as exc:
+        raise PermissionError(
+            f"cannot write the ONNX export {out} ({exc.strerror}): export it ahead of time "
+            f"(python -m model.export --bundle {bundle_path}) or set FLASK_ONNX_DIR to a writable folder"
+        ) from None
+
+
+def _export_locked(bundle_path: str | os.PathLike[str], out: Path, sha: str) -> Path:
+    from model.bundle import load_bundle
+    from model.export import export_onnx
+
+    if exported_sha(out) == sha:
+        return out
+    logger.warning("exporting %s to %s (missing or stale); export ahead of time to start faster", bundle_path, out)
+    bundle, model = load_bundle(bundle_path)
+    return export_onnx(bundle, model, out, extra_metadata={SHA_KEY: sha})
+
+
+@contextmanager
+def _file_lock(lock_path: Path) -> Iterator[None]:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
