@@ -21,6 +21,8 @@ class EpochResult:
     top1: float
     top5: float | None = None
     samples: int = 0
+    logits: torch.Tensor | None = None  # (N, classes) on the CPU, when evaluate(keep_logits=True)
+    targets: torch.Tensor | None = None
 
 
 def _topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> int:
@@ -112,8 +114,12 @@ def evaluate(
     channels_last: bool = False,
     progress: bool = False,
     description: str = "eval",
+    keep_logits: bool = False,
 ) -> tuple[EpochResult, torch.Tensor]:
-    """Loss, top-1, top-5 and the confusion matrix (rows: true class, columns: predicted)."""
+    """Loss, top-1, top-5 and the confusion matrix (rows: true class, columns: predicted).
+
+    ``keep_logits`` also returns every logit and target, for calibration (ECE, temperature fitting).
+    """
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
@@ -121,6 +127,8 @@ def evaluate(
     top1 = 0
     top5 = 0
     seen = 0
+    all_logits: list[torch.Tensor] = []
+    all_targets: list[torch.Tensor] = []
     for images, targets in tqdm(loader, desc=description, disable=not progress, leave=False, dynamic_ncols=True):
         images = images.to(device, non_blocking=True)
         if channels_last:
@@ -133,8 +141,15 @@ def evaluate(
         seen += images.shape[0]
         preds = logits.argmax(1).cpu()
         confusion.index_put_((targets.cpu(), preds), torch.ones_like(preds), accumulate=True)
+        if keep_logits:
+            all_logits.append(logits.cpu())
+            all_targets.append(targets.cpu())
     seen = max(seen, 1)
-    return EpochResult(loss=total_loss / seen, top1=top1 / seen, top5=top5 / seen, samples=seen), confusion
+    result = EpochResult(loss=total_loss / seen, top1=top1 / seen, top5=top5 / seen, samples=seen)
+    if keep_logits:
+        result.logits = torch.cat(all_logits) if all_logits else torch.empty(0, num_classes)
+        result.targets = torch.cat(all_targets) if all_targets else torch.empty(0, dtype=torch.long)
+    return result, confusion
 
 
 def per_class_metrics(confusion: torch.Tensor, class_names: list[str]) -> dict[str, dict[str, float]]:

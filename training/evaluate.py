@@ -1,9 +1,15 @@
-"""Evaluate a bundle on a labelled folder: top-1/top-5, per-class precision/recall/F1, confusion matrix.
+"""Evaluate a bundle on a labelled folder: top-1/top-5, per-class precision/recall/F1, confusion matrix, calibration.
 
     python -m training.evaluate --bundle runs/x/best.pth --data data/fashion-mnist [--split test] [--out DIR]
+    python -m training.evaluate --bundle runs/x/best.pth --data data/fashion-mnist --calibrate
 
-Writes ``metrics.json``, ``confusion.json`` and ``confusion.png`` to ``--out`` (default: next to the
-bundle, in ``eval-<split>/``). The images go through the bundle's own eval transform.
+Writes ``metrics.json``, ``confusion.json``, ``confusion.png`` and ``reliability.png`` to ``--out`` (default:
+next to the bundle, in ``eval-<split>/``). The images go through the bundle's own eval transform; scores
+are ``softmax(logits / T)`` with the bundle's temperature, as the predictor serves them.
+
+``--calibrate`` first fits T on the validation split of ``--data`` (carved out exactly as training.train
+did, from the split fractions and seed in the bundle's record, so the test split stays unseen) and
+stores it in the bundle (atomically), then evaluates.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from model.bundle import load_bundle
+from model.bundle import load_bundle, save_bundle
 from model.predictor import configure_threads, resolve_device
 from model.transforms import build_eval_transform
-from training.data import VAL_NAMES, ImageListDataset, Sample, scan_any
+from training.calibration import ECE_BINS, calibration_report, fit_temperature
+from training.data import VAL_NAMES, ImageListDataset, Sample, find_splits, scan_any
 from training.engine import evaluate, per_class_metrics
-from training.plots import plot_confusion
+from training.plots import plot_confusion, plot_reliability
 
 logger = logging.getLogger("training.evaluate")
 
@@ -44,7 +51,8 @@ def write_report(
     class_names = list(bundle["class_names"])
     dataset = ImageListDataset(samples, build_eval_transform(bundle["preprocessing"]))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    result, confusion = evaluate(model, loader, device, num_classes=len(class_names))
+    result, confusion = evaluate(model, loader, device, num_classes=len(class_names), keep_logits=True)
+    calibration = calibration_report(result.logits, result.targets, float(bundle.get("temperature", 1.0)))
     per_class = per_class_metrics(confusion, class_names)
     f1s = [m["f1"] for m in per_class.values() if m["support"]]
     metrics = {
@@ -54,7 +62,9 @@ def write_report(
         "top5": round(result.top5 or 0.0, 6),
         "loss": round(result.loss, 6),
         "macro_f1": round(sum(f1s) / len(f1s), 6) if f1s else 0.0,
+        "ece": calibration["ece"],
         "per_class": per_class,
+        "calibration": calibration,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -62,7 +72,54 @@ def write_report(
         json.dumps({"class_names": class_names, "matrix": confusion.tolist()}, indent=None)
     )
     plot_confusion(confusion.tolist(), class_names, out / "confusion.png")
+    plot_reliability(calibration["bins"], calibration["ece"], calibration["temperature"], out / "reliability.png")
     return metrics
+
+
+def validation_samples(bundle: Mapping[str, Any], data: str | Path) -> list[Sample]:
+    """The validation split training.train used for this bundle (same fractions and seed)."""
+    recorded = (bundle.get("training") or {}).get("args") or {}
+    splits = find_splits(
+        data,
+        val_split=float(recorded.get("val_split", 0.1)),
+        test_split=float(recorded.get("test_split", 0.1)),
+        seed=int(recorded.get("seed", 0)),
+    )
+    if splits.class_names != list(bundle["class_names"]):
+        raise SystemExit(f"{data}: its classes {splits.class_names} differ from the bundle's")
+    if not splits.val:
+        raise SystemExit(f"{data}: no validation images to fit a temperature on")
+    return splits.val
+
+
+def calibrate(
+    model: nn.Module,
+    bundle: dict[str, Any],
+    samples: Sequence[Sample],
+    *,
+    device: torch.device,
+    batch_size: int = 128,
+    workers: int = 0,
+) -> dict[str, Any]:
+    """Fit the temperature on ``samples`` and set it in ``bundle`` (the caller saves it)."""
+    dataset = ImageListDataset(samples, build_eval_transform(bundle["preprocessing"]))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    result, _ = evaluate(model, loader, device, num_classes=len(bundle["class_names"]), keep_logits=True)
+    temperature = fit_temperature(result.logits, result.targets)
+    before = calibration_report(result.logits, result.targets, 1.0)
+    after = calibration_report(result.logits, result.targets, temperature)
+    info = {
+        "temperature": round(temperature, 6),
+        "fitted_on": f"validation split ({len(samples)} images)",
+        "val_ece_before": before["ece"],
+        "val_ece_after": after["ece"],
+        "val_nll_before": before["nll"],
+        "val_nll_after": after["nll"],
+        "bins": ECE_BINS,
+    }
+    bundle["temperature"] = temperature
+    bundle.setdefault("training", {})["calibration"] = info
+    return info
 
 
 def pick_split_dir(root: Path, split: str) -> tuple[Path, str]:
@@ -95,6 +152,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable CPUs)")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit a softmax temperature on the validation split and store it in the bundle first",
+    )
     return p
 
 
@@ -102,13 +164,32 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     configure_threads(args.threads)
     bundle, model = load_bundle(args.bundle)
+    model.to(device)
+    if args.calibrate:
+        info = calibrate(
+            model,
+            bundle,
+            validation_samples(bundle, args.data),
+            device=device,
+            batch_size=args.batch_size,
+            workers=args.workers,
+        )
+        save_bundle(bundle, args.bundle)
+        logger.info(
+            "temperature %.4f fitted on the %s; validation ECE %.4f -> %.4f; stored in %s",
+            info["temperature"],
+            info["fitted_on"],
+            info["val_ece_before"],
+            info["val_ece_after"],
+            args.bundle,
+        )
     folder, split = pick_split_dir(Path(args.data), args.split)
     _, samples = scan_any(folder, bundle["class_names"])
     if not samples:
         raise SystemExit(f"{folder}: no labelled images")
     out = Path(args.out) if args.out else Path(args.bundle).parent / f"eval-{split}"
     metrics = write_report(
-        model.to(device),
+        model,
         bundle,
         samples,
         out,
@@ -118,13 +199,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         split=split,
     )
     logger.info(
-        "%s on %s (%d images): top-1 %.4f  top-5 %.4f  macro-F1 %.4f; report in %s",
+        "%s on %s (%d images): top-1 %.4f  top-5 %.4f  macro-F1 %.4f  ECE %.4f (T = %.3f); report in %s",
         args.bundle,
         folder,
         metrics["samples"],
         metrics["top1"],
         metrics["top5"],
         metrics["macro_f1"],
+        metrics["ece"],
+        metrics["calibration"]["temperature"],
         out,
     )
     return metrics

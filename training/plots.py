@@ -57,3 +57,26 @@ def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_reliability(bins: Sequence[dict[str, float]], ece: float, temperature: float, path: Path) -> None:
+    """Accuracy against confidence per bin (a calibrated model follows the diagonal), and the bin sizes."""
+    centres = [(b["lower"] + b["upper"]) / 2 for b in bins]
+    width = bins[0]["upper"] - bins[0]["lower"] if bins else 0.1
+    used = [b for b in bins if b["count"]]
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5, 6), height_ratios=(3, 1), sharex=True)
+    ax.bar(centres, [b["accuracy"] for b in bins], width=width, edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.plot([(b["lower"] + b["upper"]) / 2 for b in used], [b["confidence"] for b in used], "r.", label="confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"reliability (T = {temperature:.3f}, ECE = {ece * 100:.2f} %)")
+    ax.legend(loc="upper left")
+    ax_count.bar(centres, [b["count"] for b in bins], width=width, edgecolor="black")
+    ax_count.set_yscale("log")
+    ax_count.set_xlabel("confidence")
+    ax_count.set_ylabel("images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

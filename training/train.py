@@ -3,6 +3,8 @@
     python -m training.train --data DIR --arch simple_cnn --out runs/x
     python -m training.train --data DIR --arch efficientnet_lite0 --out runs/y --epochs 5   # transfer learning
     torchrun --nproc_per_node 2 -m training.train --data DIR --arch simple_cnn --out runs/z
+    python -m training.train --data DIR --out runs/s --distill-from runs/big/best.pth      # distillation
+    python -m training.train --data DIR --out runs/ft --init-from pruned.pth --keep-zeros  # fine-tune a bundle
 
 RUN_DIR gets best.pth and last.pth (bundles; last.pth also holds what --resume needs), history.json,
 args.json (the resolved arguments), curves.png, TensorBoard events in tb/, and an evaluation report of
@@ -19,6 +21,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +31,21 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from model.bundle import atomic_torch_save, library_versions, make_bundle, make_preprocessing, now_iso, plain
+from model.bundle import (
+    atomic_torch_save,
+    library_versions,
+    make_bundle,
+    make_preprocessing,
+    now_iso,
+    plain,
+    read_bundle,
+)
 from model.predictor import available_cpus, resolve_device
 from model.registry import PRETRAINED_CHOICES, build_model, find_head, list_architectures, pretrained_preprocessing
+from model.sparsity import apply_masks, zero_masks
 from model.transforms import AUTO_AUGMENTS, CROP_MODES, TrainAugment, build_eval_transform, build_train_transform
 from training.data import ImageListDataset, Splits, balanced_weights, find_splits, image_statistics
+from training.distill import DistillationLoss, Teacher
 from training.engine import evaluate, train_one_epoch
 from training.evaluate import write_report
 from training.plots import plot_curves
@@ -88,6 +101,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--weights-file", default=None, help="start from a local state_dict/bundle file instead")
     g.add_argument("--freeze-backbone", action="store_true", help="train the new head only (feature extraction)")
+    g.add_argument(
+        "--init-from",
+        default=None,
+        help="start from a bundle: its architecture, arguments, preprocessing and weights (e.g. a pruned bundle)",
+    )
+    g.add_argument(
+        "--keep-zeros",
+        action="store_true",
+        help="weights that are exactly zero at the start stay zero (fine-tuning a pruned model keeps its sparsity)",
+    )
+
+    g = p.add_argument_group("distillation")
+    g.add_argument("--distill-from", default=None, help="teacher bundle whose soft labels the student learns from")
+    g.add_argument(
+        "--distill-alpha", type=float, default=0.5, help="weight of the teacher's soft labels (1 - alpha: true labels)"
+    )
+    g.add_argument("--distill-temperature", type=float, default=4.0, help="softmax temperature of the soft labels")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="epochs")
@@ -286,7 +316,29 @@ def make_loader(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def apply_init_from(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--init-from: the bundle decides architecture and preprocessing; its weights load via --weights-file."""
+    if not args.init_from:
+        return None
+    if args.weights_file:
+        raise SystemExit("--init-from cannot be combined with --weights-file")
+    bundle = read_bundle(args.init_from)
+    kwargs = {k: v for k, v in bundle["arch"]["kwargs"].items() if k != "in_channels"}
+    if args.arch != bundle["arch"]["name"]:
+        logger.info("--init-from %s: architecture %s", args.init_from, bundle["arch"]["name"])
+    args.arch = bundle["arch"]["name"]
+    args.arch_kwargs = json.dumps(kwargs)
+    args.pretrained = "none"
+    if args.resume:  # the weights and the preprocessing come from last.pth
+        return None
+    args.weights_file = args.init_from
+    return bundle
+
+
+def main(args: argparse.Namespace, epoch_callback: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+    """Train; ``epoch_callback(entry)`` (optional) sees each epoch's history entry and may return True
+    to stop there, without the final evaluation (training.tune prunes trials this way)."""
+    init_bundle = apply_init_from(args)
     rank, world, device = setup_distributed(args.device)
     is_main = rank == 0
     out = Path(args.out)
@@ -315,6 +367,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         prep = resume_state["preprocessing"]
         if resume_state["class_names"] != class_names:
             raise SystemExit(f"{args.resume}: its classes differ from those found in {args.data}")
+    elif init_bundle is not None:
+        prep = dict(init_bundle["preprocessing"])
     else:
         prep = resolve_preprocessing(args, splits)
     if args.arch.startswith("vit_") and prep["crop"] != 224:
@@ -370,6 +424,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         )
     else:
         optimizer = torch.optim.AdamW(param_groups(model, wd), lr=lr)
+    if args.keep_zeros:
+        masks = zero_masks(model)
+        optimizer.register_step_post_hook(lambda *_: apply_masks(model, masks))
+        logger.info("--keep-zeros: %d weight tensors keep their zeros", len(masks))
     scheduler, per_step = build_scheduler(args, optimizer, len(train_loader))
     use_amp = device.type == "cuda" and args.amp != "off"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
@@ -387,6 +445,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         mixers.append(v2.CutMix(alpha=args.cutmix_alpha, num_classes=len(class_names)))
     if mixers:
         batch_transform = v2.RandomChoice(mixers)
+    if args.distill_from:
+        teacher = Teacher.from_file(args.distill_from, class_names, prep, device)
+        batch_transform = teacher.wrap(batch_transform)
+        criterion = DistillationLoss(criterion, alpha=args.distill_alpha, temperature=args.distill_temperature)
 
     start_epoch, best, history, stale = 0, -1.0, [], 0
     if resume_state is not None:
@@ -439,6 +501,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     progress = is_main and not args.quiet and sys.stderr.isatty()
     eval_model = ema.module if ema is not None else model
     stop = False
+    stopped_by_callback = False
     epochs_run = 0
     for epoch in range(start_epoch, args.epochs):
         # Every epoch's randomness derives from (seed, epoch): a resumed run replays it exactly.
@@ -544,12 +607,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             atomic_torch_save(bundle, out / "last.pth")
             (out / "history.json").write_text(json.dumps(history, indent=2))
             plot_curves(history, out / "curves.png")
+        if epoch_callback is not None and epoch_callback(entry):
+            stop = stopped_by_callback = True
         if stop:
             break
-    result: dict[str, Any] = {"history": history, "best_val_top1": best}
+    result: dict[str, Any] = {"history": history, "best_val_top1": best, "stopped_by_callback": stopped_by_callback}
     if is_main:
         writer.close()
         finished = not args.stop_after or len(history) >= args.epochs or (args.patience and stale >= args.patience)
+        finished = finished and not stopped_by_callback
         if finished and (out / "best.pth").exists():
             result["eval"] = final_evaluation(out, splits, device, workers, args)
     if world > 1:
