@@ -64,6 +64,11 @@ def test_tune_writes_a_runnable_best_command_and_plots_and_resumes(fashion_subse
     out = tmp_path / "tune"
     summary = tune.main(tune.get_args_parser().parse_args(_tune_args(fashion_subset, out, 2)))
     assert summary["trials"] == 2 and summary["complete"] == 2
+    import optuna
+
+    storage = f"sqlite:///{out / 'study.db'}"
+    first = optuna.load_study(study_name="tune-simple_cnn", storage=storage).trials[0]
+    assert first.params == tune.DEFAULT_RECIPE  # the search starts from the default recipe
     assert 0 <= summary["best_value"] <= 1
     command = (out / "best_command.txt").read_text().strip()
     argv = shlex.split(command)
@@ -92,9 +97,7 @@ def test_tune_writes_a_runnable_best_command_and_plots_and_resumes(fashion_subse
     again = tune.main(tune.get_args_parser().parse_args(_tune_args(fashion_subset, out, 1)))
     _, err = other.communicate(timeout=300)
     assert other.returncode == 0, err[-3000:]
-    import optuna
-
-    study = optuna.load_study(study_name="tune-simple_cnn", storage=f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name="tune-simple_cnn", storage=storage)
     assert len(study.trials) == 4 and again["trials"] >= 3
     assert len({t.user_attrs["out"] for t in study.trials}) == 4  # every trial has its own run folder
 

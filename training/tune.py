@@ -7,7 +7,8 @@ Each trial is one ``training.train.main`` run (the same loop, nothing re-impleme
 with flags drawn from the search space below; arguments after ``--`` are passed to every trial
 unchanged. The validation top-1 of every epoch is reported to Optuna, and the median pruner stops a
 trial whose accuracy at an epoch is below the median of earlier trials at that epoch. The objective
-is the best validation top-1 (the test split is never looked at).
+is the best validation top-1 (the test split is never looked at). A new study's first trial is
+training.train's default recipe (``--no-default-trial`` to skip it).
 
 The study lives in an SQLite file: run the same command again to add trials to it, or start it in
 several terminals at once to search in parallel. ``--timeout`` is checked between trials. Outputs in
@@ -36,6 +37,18 @@ BATCH_SIZES = (32, 64, 128, 256)
 AUGMENTATIONS = ("none", "trivialaugment", "randaugment")
 MIXUP_ALPHAS = (0.0, 0.2, 0.4)
 CUTMIX_ALPHAS = (0.0, 0.5, 1.0)
+# training.train's defaults (SGD, batch 128): a new study tries them first, so the search starts from
+# the default recipe and can only report something at least as good on validation.
+DEFAULT_RECIPE = {
+    "lr": 0.1,
+    "wd": 5e-4,
+    "batch_size": 128,
+    "label_smoothing": 0.1,
+    "auto_augment": "none",
+    "random_erasing": 0.0,
+    "mixup_alpha": 0.0,
+    "cutmix_alpha": 0.0,
+}
 
 
 def suggest(trial: optuna.Trial) -> dict[str, Any]:
@@ -75,6 +88,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="TPE sampler seed (leave unset when processes share a study)")
     p.add_argument("--startup-trials", type=int, default=5, help="trials before TPE and the pruner start")
     p.add_argument("--warmup-epochs", type=int, default=1, help="epochs before a trial can be pruned")
+    p.add_argument("--no-default-trial", action="store_true", help="do not start a new study with the default recipe")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: flags passed to every trial unchanged")
     return p
 
@@ -198,6 +212,8 @@ def write_plots(study: optuna.Study, out: Path) -> None:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = create_study(args)
+    if not args.no_default_trial and not study.trials:
+        study.enqueue_trial(DEFAULT_RECIPE)
     study.optimize(objective(args), n_trials=args.trials, timeout=args.timeout, gc_after_trial=True)
     summary = write_outputs(args, study)
     if "command" in summary:
