@@ -133,6 +133,7 @@ def drive(server: GunicornServer, order: list[Case], concurrency: int, rss_at: i
     lock = threading.Lock()
     done = {"n": 0}
     rss: dict[str, dict[int, int]] = {}
+    trace: dict[int, float] = {}  # RSS every 1,000 requests: a leak keeps climbing, a warming heap levels off
     latencies: dict[str, list[float]] = {}
     unexpected: list[dict] = []
 
@@ -157,6 +158,8 @@ def drive(server: GunicornServer, order: list[Case], concurrency: int, rss_at: i
             done["n"] += 1
             if done["n"] == rss_at:
                 rss["at_rss_point"] = {pid: rss_bytes(pid) for pid in pids}
+            if done["n"] % 1000 == 0:
+                trace[done["n"]] = mib(sum(rss_bytes(pid) for pid in pids))
 
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -183,6 +186,7 @@ def drive(server: GunicornServer, order: list[Case], concurrency: int, rss_at: i
             "at": mib(at),
             "end": mib(end),
             "growth_pct": round(100 * (end - at) / at, 2),
+            "every_1000_requests": trace,
         },
     }
 
@@ -208,6 +212,7 @@ def table(report: dict) -> str:
         ("latency valid p50 / p99 / max", f"{lat['valid']['p50']} / {lat['valid']['p99']} / {lat['valid']['max']} ms"),
         (f"worker RSS at request {rss['at_request']} -> end", f"{rss['at']} -> {rss['end']} MiB"),
         ("RSS growth (target <= 10 %)", f"{rss['growth_pct']} %"),
+        ("RSS every 1,000 requests", " ".join(f"{v:.0f}" for v in rss["every_1000_requests"].values()) + " MiB"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -64,10 +64,13 @@ def providers_for(device: str = "auto") -> list[str]:
 class OnnxPredictor:
     """An exported model under ONNX Runtime, with the eval transform and class names from its metadata."""
 
-    # The same code as Predictor's (not a copy): both steps only need ``transform`` and ``class_names``.
+    # The same code as Predictor's (not a copy): these need only ``transform``, ``class_names``,
+    # ``preprocessing`` and ``infer``, which both classes have.
     preprocess = Predictor.preprocess
     postprocess = Predictor.postprocess
     predict = Predictor.predict
+    input_shape = Predictor.input_shape
+    warm_up = Predictor.warm_up
 
     def __init__(
         self,
@@ -153,17 +156,6 @@ class OnnxPredictor:
     @property
     def device(self) -> torch.device:
         return torch.device("cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu")
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        p = self.preprocessing
-        return (p["channels"], p["crop"], p["crop"])
-
-    def warm_up(self) -> float:
-        """One run so the first real request does not pay for lazy initialisation."""
-        started = time.perf_counter()
-        self.infer(torch.zeros((1, *self.input_shape)))
-        return time.perf_counter() - started
 
     def logits(self, batch: torch.Tensor) -> np.ndarray:
         x = np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())
