@@ -71,6 +71,7 @@ class OnnxPredictor:
     predict = Predictor.predict
     input_shape = Predictor.input_shape
     warm_up = Predictor.warm_up
+    backend = "onnx"
 
     def __init__(
         self,
@@ -167,16 +168,5 @@ class OnnxPredictor:
         return torch.softmax(logits.float() / self.temperature, dim=1)
 
     def describe(self) -> dict[str, Any]:
-        """What a client may know about the model (no weights)."""
-        return {
-            "name": self.name,
-            "arch": self.arch,
-            "num_classes": len(self.class_names),
-            "class_names": self.class_names,
-            "preprocessing": self.preprocessing,
-            "temperature": self.temperature,
-            "metrics": self.training.get("metrics", {}),
-            "created": self.training.get("date"),
-            "backend": "onnx",
-            "providers": self.providers,
-        }
+        """What a client may know about the model (no weights): Predictor's fields, plus the providers."""
+        return {**Predictor.describe(self), "providers": self.providers}

@@ -53,6 +53,8 @@ def configure_threads(num_threads: int | None) -> int:
 class Predictor:
     """A bundle's model with its own eval transform and class names."""
 
+    backend = "torch"
+
     def __init__(
         self,
         bundle: Mapping[str, Any],
@@ -141,7 +143,7 @@ class Predictor:
 
     def describe(self) -> dict[str, Any]:
         """What a client may know about the model (no weights)."""
-        training = self.bundle.get("training") or {}
+        training = self.training
         return {
             "name": self.name,
             "arch": self.arch,
@@ -151,5 +153,9 @@ class Predictor:
             "temperature": self.temperature,
             "metrics": training.get("metrics", {}),
             "created": training.get("date"),
-            "backend": "torch",
+            "backend": self.backend,
         }
+
+    @property
+    def training(self) -> dict[str, Any]:
+        return self.bundle.get("training") or {}
