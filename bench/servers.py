@@ -1,4 +1,7 @@
-"""Starting the real service (and the naive baseline) under gunicorn on 127.0.0.1 for the bench scripts."""
+"""Starting the real service (and the naive baseline) under gunicorn on 127.0.0.1.
+
+The bench scripts use ``Server`` directly; the tests' ``GunicornServer`` (tests/helpers.py) builds on it.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,7 +65,11 @@ class Server:
         server.env = clean_env({"NAIVE_BUNDLE": str(bundle)})
         return server
 
-    def start(self, timeout: float = 180.0) -> Server:
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def start(self, timeout: float = 180.0) -> Self:
+        """Start and wait for /readyz; on any failure the process is stopped before raising."""
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.started_at = time.perf_counter()
         self.proc = subprocess.Popen(
@@ -92,15 +99,18 @@ class Server:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
-            time.sleep(0.02)
+            time.sleep(0.05)
         raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.log()[-3000:]}")
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(self.base + path, timeout=10) as r:
             return r.read().decode()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (graceful), then the exit code; SIGKILL only if it hangs. Safe to call twice."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
@@ -109,11 +119,12 @@ class Server:
                 self.proc.wait()
         if getattr(self, "_log", None) is not None and not self._log.closed:
             self._log.close()
+        return self.proc.returncode
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

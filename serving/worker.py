@@ -13,21 +13,29 @@ gunicorn announced keep-alive, then found more than 64 KiB left to discard and c
 client's next request on that connection failed ("Remote end closed connection without response";
 seen by bench/soak.py after 413s). Now the answer itself says ``Connection: close``.
 
+Requests gunicorn itself refuses (a malformed request line, headers over its limits) never reach
+Flask; their answers are written by ``gunicorn.util.write_error`` as an HTML page without the app's
+security headers. In this worker's process that function is replaced by ``write_json_error``: the
+app's JSON error shape, with the same security headers as every other answer.
+
 The limit covers receiving, not computing: the app reads the whole upload before it decodes or infers.
 A buffering reverse proxy (nginx) in front remains the first line of defence on a public network.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
 from typing import Any
 
+from gunicorn import util
 from gunicorn.http.body import ChunkedReader, LengthReader
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 DEFAULT_READ_TIMEOUT = 20.0
+MAX_ERROR_DETAIL = 200  # characters of gunicorn's detail (it quotes what the client sent) kept in the answer
 
 
 def read_timeout_from_env() -> float:
@@ -110,12 +118,35 @@ class DeadlineConn(TConn):
             unreader.sock = _DeadlineSocket(unreader.sock, self)
 
 
+def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's error answer in the app's shape: ``{"error": {"code", "message"}}`` plus its headers."""
+    from serving.errors import HTTP_ERROR_CODES  # the app is loaded by now: these are already imported
+    from serving.http import DEFAULT_CSP, SECURITY_HEADERS
+
+    code = HTTP_ERROR_CODES.get(status_int) or reason.lower().replace(" ", "_")
+    detail = mesg[:MAX_ERROR_DETAIL]
+    body = json.dumps({"error": {"code": code, "message": f"{reason}: {detail}" if detail else reason}}).encode()
+    headers = {
+        "Connection": "close",
+        "Content-Type": "application/json",
+        "Content-Length": str(len(body)),
+        **SECURITY_HEADERS,
+        "Content-Security-Policy": DEFAULT_CSP,
+    }
+    head = f"HTTP/1.1 {status_int} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
 class DeadlineThreadWorker(ThreadWorker):
     """``worker_class = "serving.worker.DeadlineThreadWorker"`` in gunicorn.conf.py."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.read_timeout = read_timeout_from_env()
+
+    def init_process(self) -> None:
+        util.write_error = write_json_error  # this worker process only; see the module docstring
+        super().init_process()
 
     def load_wsgi(self) -> None:
         super().load_wsgi()

@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
-import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
-import requests
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.servers import Server, clean_env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class GunicornServer:
+class GunicornServer(Server):
     """``gunicorn --config gunicorn.conf.py "app:create_app()"`` as `make run` starts it, on a free port.
 
     Settings go through the environment (FLASK_*), as an operator would pass them; the bind goes
@@ -43,69 +31,20 @@ class GunicornServer:
         env: Mapping[str, str] | None = None,
         args: Sequence[str] = (),
     ) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "PROMETHEUS_", "GUNICORN_"))}
-        self.env.update(
+        super().__init__("gunicorn", [], {}, log_path)
+        self.args = ["--config", "gunicorn.conf.py", *args, "app:create_app()"]
+        self.env = clean_env(
             {
                 "FLASK_MODEL_DIR": str(model_dir),
                 "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{self.port}",
                 "WEB_CONCURRENCY": str(workers),
                 "GUNICORN_THREADS": str(threads),
+                **(env or {}),
             }
         )
-        self.env.update(env or {})
-        self.args = list(args)
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def url(self, path: str) -> str:
-        return self.base + path
-
-    def start(self, timeout: float = 90.0) -> GunicornServer:
-        """Start and wait for /readyz; on any failure the process is stopped before raising."""
-        log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self._log = log
-        cmd = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", *self.args, "app:create_app()"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _wait_ready(self, timeout: float) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if requests.get(self.url("/readyz"), timeout=2).status_code == 200:
-                    return
-            except (requests.ConnectionError, requests.Timeout):  # bound, but no worker ready yet
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"gunicorn not ready after {timeout}s:\n{self.log()[-3000:]}")
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (graceful), then the exit code; SIGKILL only if it hangs. Safe to call twice."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self._log.closed:
-            self._log.close()
-        return self.proc.returncode
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    def start(self, timeout: float = 90.0) -> Self:
+        return super().start(timeout)
 
 
 def image_bytes(img: Image.Image, fmt: str, **save_args: object) -> bytes:

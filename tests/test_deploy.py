@@ -24,10 +24,10 @@ import kubernetes_validate
 import pytest
 import yaml
 from conftest import ROOT, tiny_bundle
-from helpers import free_port
 from werkzeug.serving import make_server
 
 from app import create_app
+from bench.servers import free_port
 from serving.config import DEFAULTS
 
 sys.path.insert(0, str(ROOT / "deploy"))

@@ -7,6 +7,7 @@ input kills, restarts or poisons a worker. A second server checks the API key.
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import threading
 import time
@@ -179,6 +180,33 @@ def test_security_headers_on_every_endpoint(server: GunicornServer, path: str) -
     assert r.status_code in (200, 404)
     assert_security_headers(r)
     assert r.headers["X-Frame-Options"] == "DENY"
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "code"),
+    [
+        (b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),  # a control byte in the request line
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: y\r\n" * 200 + b"\r\n", 431, "request_header_fields_too_large"),
+    ],
+    ids=["bad-request-line", "uri-too-long", "too-many-headers"],
+)
+def test_requests_gunicorn_refuses_get_the_apps_json_and_headers(
+    server: GunicornServer, raw: bytes, status: int, code: str
+) -> None:
+    """These never reach Flask: gunicorn answers them, through serving.worker.write_json_error."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(raw)
+        answer = s.makefile("rb").read()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith(f"HTTP/1.1 {status} "), lines[0]
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    assert headers["content-type"] == "application/json" and headers["x-content-type-options"] == "nosniff"
+    assert "frame-ancestors 'none'" in headers["content-security-policy"] and headers["x-frame-options"] == "DENY"
+    error = json.loads(body)["error"]
+    assert error["code"] == code and error["message"] and int(headers["content-length"]) == len(body)
+    assert worker_pids(server.proc.pid) == server.workers
 
 
 def test_log_has_no_traceback_and_no_worker_restart(server: GunicornServer) -> None:

@@ -21,7 +21,7 @@ from model.predictor import Predictor
 from tests.conftest import ROOT
 from training import compare, evaluate, train, tune
 from training.calibration import expected_calibration_error, fit_temperature
-from training.distill import DistillationLoss, adapt_batch
+from training.distill import DistillationLoss, Teacher, adapt_batch
 
 SMALL = ["--arch-kwargs", '{"width": 8, "stages": 2}']
 FAST = ["--epochs", "1", "--batch-size", "16", "--quiet", "--workers", "0", "--seed", "1"]
@@ -125,6 +125,20 @@ def test_adapt_batch_converts_grey_student_input_to_a_colour_teacher() -> None:
     assert y.shape == (2, 3, 56, 56)
     assert torch.allclose(y[:, 0], y[:, 2]) and y.min() >= -1.01 and y.max() <= 1.01
     assert adapt_batch(x, grey, grey) is x
+
+
+def test_teacher_runs_in_the_students_autocast_type(fashion_subset: Path, trained: Path) -> None:
+    """With ``--amp on`` the teacher's forward pass is bfloat16 too (cheaper), and its logits stay close."""
+    bundle = read_bundle(trained)
+    prep = bundle["preprocessing"]
+    images = torch.randn(8, 1, 28, 28)
+    full = Teacher.from_file(trained, _classes(fashion_subset), prep, torch.device("cpu")).logits(images)
+    half = Teacher.from_file(
+        trained, _classes(fashion_subset), prep, torch.device("cpu"), amp_dtype=torch.bfloat16, channels_last=True
+    ).logits(images)
+    assert full.dtype == half.dtype == torch.float32
+    assert not torch.equal(full, half), "the teacher did not run in bfloat16"
+    assert torch.allclose(full, half, atol=0.1, rtol=0.05)
 
 
 def test_distilled_student_learns_from_the_teacher(

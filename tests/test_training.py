@@ -216,3 +216,24 @@ def test_predict_cli_reports_bad_files(default_bundle: Path, tmp_path: Path) -> 
     args = predict.get_args_parser().parse_args(["--bundle", str(default_bundle), str(bad)])
     with pytest.raises(SystemExit):
         predict.main(args)
+
+
+def test_bfloat16_training_on_cpu(fashion_subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--amp on` on CPU: convolutions really run in bfloat16 while training, evaluation and the bundle stay float32."""
+    dtypes: set[torch.dtype] = set()
+    conv_forward = torch.nn.Conv2d.forward
+
+    def spy(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        out = conv_forward(self, x)
+        dtypes.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", spy)
+    out = tmp_path / "run"
+    run_train("--data", str(fashion_subset), "--out", str(out), *FAST, "--amp", "on")
+    assert dtypes == {torch.bfloat16, torch.float32}
+    weights = read_bundle(out / "best.pth")["state_dict"]
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train.autocast_dtype("auto", cpu) is None and train.autocast_dtype("off", cuda) is None
+    assert train.autocast_dtype("auto", cuda) == torch.float16 and train.autocast_dtype("on", cpu) == torch.bfloat16

@@ -59,10 +59,20 @@ class Teacher:
     """A frozen bundle model that labels the student's batches."""
 
     def __init__(
-        self, bundle: Mapping[str, Any], model: nn.Module, student_prep: Mapping[str, Any], device: torch.device
+        self,
+        bundle: Mapping[str, Any],
+        model: nn.Module,
+        student_prep: Mapping[str, Any],
+        device: torch.device,
+        *,
+        amp_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
     ) -> None:
         self.bundle = bundle
         self.model = model.to(device).eval()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp_dtype = amp_dtype  # the student's autocast type: the teacher costs as little as it does
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.student_prep = dict(student_prep)
@@ -75,6 +85,7 @@ class Teacher:
         class_names: list[str],
         student_prep: Mapping[str, Any],
         device: torch.device,
+        **options: Any,
     ) -> Teacher:
         bundle, model = load_bundle(path)
         if list(bundle["class_names"]) != list(class_names):
@@ -85,12 +96,13 @@ class Teacher:
             bundle["arch"]["name"],
             "the student's" if _same_input(bundle["preprocessing"], student_prep) else "converted on the fly",
         )
-        return cls(bundle, model, student_prep, device)
+        return cls(bundle, model, student_prep, device, **options)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         self.model.eval()  # the caller's model.train() never reaches the teacher, but be sure
-        return self.model(adapt_batch(images, self.student_prep, self.teacher_prep)).float()
+        with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)):
+            return self.model(adapt_batch(images, self.student_prep, self.teacher_prep)).float()
 
     def wrap(self, inner: BatchTransform | None) -> BatchTransform:
         """A batch transform: ``inner`` (MixUp/CutMix or nothing), then the teacher's logits alongside."""

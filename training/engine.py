@@ -40,6 +40,7 @@ def train_one_epoch(
     *,
     step_scheduler: Any | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
     ema: torch.optim.swa_utils.AveragedModel | None = None,
     batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     clip_grad: float = 0.0,
@@ -51,7 +52,8 @@ def train_one_epoch(
     """Train for one pass over ``loader``; accuracy counts hard labels (before MixUp/CutMix).
 
     ``freeze_norm``: norm layers whose parameters are frozen keep their running statistics (feature
-    extraction must not drift the backbone through BatchNorm either).
+    extraction must not drift the backbone through BatchNorm either). ``amp_dtype``: the autocast type
+    (float16 on CUDA, with ``scaler``; bfloat16 needs no scaler); None trains in full precision.
     """
     model.train()
     if freeze_norm:
@@ -63,7 +65,7 @@ def train_one_epoch(
     total_loss = 0.0
     correct = 0
     seen = 0
-    use_amp = scaler is not None and device.type == "cuda"
+    use_scaler = scaler is not None
     bar = tqdm(loader, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
     for images, targets in bar:
         images = images.to(device, non_blocking=True)
@@ -73,13 +75,13 @@ def train_one_epoch(
         hard_targets = targets
         if batch_transform is not None:
             images, targets = batch_transform(images, targets)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
             loss = criterion(logits, targets)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()}; lower the learning rate or enable --clip-grad")
         optimizer.zero_grad(set_to_none=True)
-        if use_amp:
+        if use_scaler:
             scaler.scale(loss).backward()
             if clip_grad > 0:
                 scaler.unscale_(optimizer)
