@@ -24,7 +24,7 @@ RECIPES = {
     # The default small recipe: the README's quick training example.
     "small": "--arch simple_cnn --epochs 10 --cache --channels-last",
     # A longer recipe: twice the width (4x the compute, trained in bfloat16), four times the epochs,
-    # random erasing.
+    # random erasing. (44 epochs with --val-split 0.05 scored 94.85 % but took 59.8 of the 60 minutes.)
     "long": "--arch simple_cnn --arch-kwargs '{\"width\": 64}' --epochs 40 --random-erasing 0.5 --amp on"
     " --cache --channels-last",
     # Equal-time comparison against "small": bfloat16 alone, then bfloat16 + distillation from "long".
