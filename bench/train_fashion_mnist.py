@@ -30,7 +30,7 @@ RECIPES = {
     # Equal-time comparison against "small": bfloat16 alone, then bfloat16 + distillation from "long".
     "small-bf16": "--arch simple_cnn --epochs 14 --cache --channels-last --amp on",
     "distilled": "--arch simple_cnn --epochs 8 --cache --channels-last --amp on"
-    " --distill-from {runs}/fashion-long/best.pth",
+    " --distill-from {runs}/fashion-long/best.pth --distill-alpha 0.9",
 }
 
 
