@@ -2,10 +2,13 @@
 
 Stages of two 3x3 conv-BN-ReLU layers, each stage doubling the width and followed by 2x2 max-pooling
 (the last by global average pooling), so the same network serves 28x28 greyscale and larger photos.
+``tta_hflip`` makes evaluation average the logits of each image and its mirror (test-time augmentation
+that travels with the weights, so serving, evaluation and ONNX export all do it); train with --hflip.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -21,6 +24,7 @@ class SimpleCNN(nn.Module):
         width: int = 32,
         stages: int = 3,
         dropout: float = 0.3,
+        tta_hflip: bool = False,
     ) -> None:
         super().__init__()
         if in_channels not in (1, 3):
@@ -39,7 +43,14 @@ class SimpleCNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(cin, num_classes)
+        self.tta_hflip = bool(tta_hflip)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.tta_hflip and not self.training:
+            # One pass over image and mirror (batch 2n), then the mean of the two logits per image.
+            return self._logits(torch.cat([x, x.flip(-1)])).unflatten(0, (2, -1)).mean(0)
+        return self._logits(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
         x = self.pool(self.features(x)).flatten(1)
         return self.head(self.dropout(x))

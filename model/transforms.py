@@ -105,17 +105,26 @@ def _normalize_tail(prep: Mapping[str, Any]) -> list[Callable[..., Any]]:
     ]
 
 
-def build_eval_transform(prep: Mapping[str, Any]) -> v2.Compose:
-    """PIL image -> normalised float tensor (C, crop, crop), exactly as the bundle says."""
+def build_eval_geometry(prep: Mapping[str, Any]) -> v2.Compose:
+    """PIL image -> PIL image of the model's mode and size (crop x crop): the eval transform's first half."""
     return v2.Compose(
         [
             ToModelMode(prep["channels"]),
             LimitAspectRatio(),
             v2.Resize(prep["resize"], interpolation=_interpolation(prep["interpolation"]), antialias=True),
             v2.CenterCrop(prep["crop"]),
-            *_normalize_tail(prep),
         ]
     )
+
+
+def build_eval_transform(prep: Mapping[str, Any]) -> v2.Compose:
+    """PIL image -> normalised float tensor (C, crop, crop), exactly as the bundle says."""
+    return v2.Compose([*build_eval_geometry(prep).transforms, *_normalize_tail(prep)])
+
+
+def build_normalize(prep: Mapping[str, Any]) -> v2.Compose:
+    """uint8 tensor (..., C, H, W) -> normalised float tensor: the eval transform's last steps, for batches."""
+    return v2.Compose(_normalize_tail(prep)[1:])
 
 
 @dataclass

@@ -108,14 +108,17 @@ def test_transfer_learning_from_offline_imagenet_weights(two_class_images, tmp_p
     assert not torch.equal(trained["_fc.weight"], imagenet["_fc.weight"]), "head did not train"
 
 
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(two_class_images, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pipeline", [[], ["--batch-aug"]], ids=["per-image", "batch-aug"])
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(
+    two_class_images, tmp_path: Path, pipeline: list[str]
+) -> None:
     data = tmp_path / "data"
     for name, files in two_class_images.items():
         (data / name).mkdir(parents=True)
         for i, f in enumerate(files):
             shutil.copy(f, data / name / f"{i:03d}.png")
     common = ["--data", str(data), "--epochs", "2", "--batch-size", "16", "--quiet", "--workers", "0",
-              "--deterministic", "--seed", "7", "--ema-decay", "0.5"]  # fmt: skip
+              "--deterministic", "--seed", "7", "--ema-decay", "0.5", "--random-erasing", "0.5", *pipeline]  # fmt: skip
     run_train(*common, "--out", str(tmp_path / "full"))
     run_train(*common, "--out", str(tmp_path / "cut"), "--stop-after", "1")
     assert len(json.loads((tmp_path / "cut" / "history.json").read_text())) == 1
