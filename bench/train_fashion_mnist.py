@@ -79,9 +79,9 @@ def main() -> None:
     kept = [r for r in json.loads(results.read_text()) if r["recipe"] not in ran] if results.exists() else []
     rows = sorted(kept + rows, key=lambda r: list(RECIPES).index(r["recipe"]) if r["recipe"] in RECIPES else 99)
     results.write_text(json.dumps(rows, indent=2))
-    print(f"{'recipe':8} {'test top-1':>10} {'epochs':>6} {'minutes':>8}")
+    print(f"{'recipe':10} {'test top-1':>10} {'epochs':>6} {'minutes':>8}")
     for r in rows:
-        print(f"{r['recipe']:8} {r['test_top1'] * 100:9.2f}% {r['epochs']:6d} {r['wall_seconds'] / 60:8.1f}")
+        print(f"{r['recipe']:10} {r['test_top1'] * 100:9.2f}% {r['epochs']:6d} {r['wall_seconds'] / 60:8.1f}")
 
 
 if __name__ == "__main__":
