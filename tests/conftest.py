@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -111,3 +114,27 @@ def tiny_bundle(path: Path, class_names: list[str], *, seed: int = 0, channels: 
 @pytest.fixture
 def make_tiny_bundle():
     return tiny_bundle
+
+
+@pytest.fixture(scope="session")
+def make_model_folder(tmp_path_factory: pytest.TempPathFactory, default_bundle: Path) -> Callable[[str], Path]:
+    """A fresh model folder for the service holding the default model (a symlink: no 20 MB copy)."""
+
+    def make(name: str) -> Path:
+        folder = tmp_path_factory.mktemp(name)
+        (folder / "default.pth").symlink_to(default_bundle)
+        return folder
+
+    return make
+
+
+@contextmanager
+def closing_app(config: dict[str, Any]) -> Iterator[Any]:
+    """The real Flask app for ``config``, its models closed afterwards (as gunicorn's worker_exit does)."""
+    from app import create_app
+
+    app = create_app(config)
+    try:
+        yield app
+    finally:
+        app.extensions["imgclf.models"].close()

@@ -23,7 +23,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ROOT, tiny_bundle
+from conftest import ROOT, closing_app, tiny_bundle
 from werkzeug.serving import make_server
 
 from app import create_app
@@ -250,17 +250,14 @@ for module in list(sys.modules.values()):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, default_bundle: Path) -> Path:
-    folder = tmp_path_factory.mktemp("deploy-models")
-    (folder / "default.pth").symlink_to(default_bundle)
-    return folder
+def model_dir(make_model_folder) -> Path:
+    return make_model_folder("deploy-models")
 
 
 @pytest.fixture(scope="module")
 def app(model_dir: Path):
-    app = create_app({"MODEL_DIR": str(model_dir)})
-    yield app
-    app.extensions["imgclf.models"].close()
+    with closing_app({"MODEL_DIR": str(model_dir)}) as app:
+        yield app
 
 
 @contextmanager

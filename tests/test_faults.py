@@ -30,10 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, default_bundle: Path) -> Path:
-    folder = tmp_path_factory.mktemp("fault-models")
-    (folder / "default.pth").symlink_to(default_bundle)
-    return folder
+def model_dir(make_model_folder) -> Path:
+    return make_model_folder("fault-models")
 
 
 def test_sigkill_a_worker_under_load(model_dir: Path, tmp_path: Path, photos) -> None:

@@ -51,9 +51,8 @@ def chelsea_is_a_cat(server: GunicornServer) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, default_bundle: Path):
-    folder = tmp_path_factory.mktemp("corpus-models")
-    (folder / "default.pth").symlink_to(default_bundle)
+def server(tmp_path_factory: pytest.TempPathFactory, make_model_folder):
+    folder = make_model_folder("corpus-models")
     srv = GunicornServer(
         folder,
         tmp_path_factory.mktemp("corpus-logs") / "gunicorn.log",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import tiny_bundle
+from conftest import closing_app, tiny_bundle
 from helpers import CAT_LABELS, GunicornServer
 
 from app import create_app
@@ -51,9 +51,8 @@ def test_compiled_css_is_up_to_date(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def page_models(tmp_path_factory: pytest.TempPathFactory, default_bundle: Path) -> Path:
-    folder = tmp_path_factory.mktemp("page-models")
-    (folder / "default.pth").symlink_to(default_bundle)
+def page_models(make_model_folder) -> Path:
+    folder = make_model_folder("page-models")
     tiny_bundle(folder / "tiny.pth", TINY_CLASSES)
     tiny_bundle(folder / "evil.pth", [EVIL_LABEL, "harmless"], seed=1)
     return folder
@@ -61,9 +60,8 @@ def page_models(tmp_path_factory: pytest.TempPathFactory, default_bundle: Path) 
 
 @pytest.fixture(scope="module")
 def client(page_models: Path):
-    app = create_app({"MODEL_DIR": str(page_models), "MAX_CONTENT_LENGTH": MAX_BYTES})
-    yield app.test_client()
-    app.extensions["imgclf.models"].close()
+    with closing_app({"MODEL_DIR": str(page_models), "MAX_CONTENT_LENGTH": MAX_BYTES}) as app:
+        yield app.test_client()
 
 
 def alerts(html: str) -> list[str]:

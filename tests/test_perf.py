@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_bundle
+from conftest import closing_app, tiny_bundle
 from helpers import CAT_LABELS, GunicornServer, top_label
 
 from app import create_app
@@ -22,18 +22,17 @@ TINY_CLASSES = ["ash", "birch", "cedar"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, default_bundle: Path) -> Path:
-    folder = tmp_path_factory.mktemp("perf-models")
-    (folder / "default.pth").symlink_to(default_bundle)
-    return folder
+def model_dir(make_model_folder) -> Path:
+    return make_model_folder("perf-models")
 
 
 @pytest.fixture(scope="module")
 def apps(model_dir: Path):
-    made = {b: create_app({"MODEL_DIR": str(model_dir), "BACKEND": b}) for b in ("onnx", "torch")}
-    yield made
-    for app in made.values():
-        app.extensions["imgclf.models"].close()
+    with (
+        closing_app({"MODEL_DIR": str(model_dir), "BACKEND": "onnx"}) as onnx,
+        closing_app({"MODEL_DIR": str(model_dir), "BACKEND": "torch"}) as eager,
+    ):
+        yield {"onnx": onnx, "torch": eager}
 
 
 def ask(app, data: bytes, top_k: int = 5) -> dict:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import tiny_bundle
+from conftest import closing_app, tiny_bundle
 from flask import request
 from helpers import CAT_LABELS, image_bytes, metric_samples, png_header_only, tiff_with_broken_second_page, top_label
 from openapi_spec_validator import validate
@@ -21,18 +21,16 @@ TINY_CLASSES = ["red square", "green circle", "blue star"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, default_bundle: Path) -> Path:
-    folder = tmp_path_factory.mktemp("served")
-    (folder / "default.pth").symlink_to(default_bundle)
+def model_dir(make_model_folder) -> Path:
+    folder = make_model_folder("served")
     tiny_bundle(folder / "tiny.pth", TINY_CLASSES)
     return folder
 
 
 @pytest.fixture(scope="module")
 def app(model_dir: Path):
-    app = create_app({"MODEL_DIR": str(model_dir)})
-    yield app
-    app.extensions["imgclf.models"].close()
+    with closing_app({"MODEL_DIR": str(model_dir)}) as app:
+        yield app
 
 
 @pytest.fixture

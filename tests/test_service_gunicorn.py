@@ -18,9 +18,8 @@ TINY_CLASSES = ["cirrus", "cumulus", "nimbus"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, default_bundle: Path):
-    folder = tmp_path_factory.mktemp("gunicorn-models")
-    (folder / "default.pth").symlink_to(default_bundle)
+def server(tmp_path_factory: pytest.TempPathFactory, make_model_folder):
+    folder = make_model_folder("gunicorn-models")
     tiny_bundle(folder / "clouds.pth", TINY_CLASSES)
     srv = GunicornServer(folder, tmp_path_factory.mktemp("logs") / "gunicorn.log", workers=2, threads=4)
     srv.start()
