@@ -73,7 +73,7 @@ def fp32_peak(info: dict[str, Any], fma_units: int = 2) -> dict[str, Any]:
     }
 
 
-def write_results(name: str, data: dict[str, Any], path: str | None) -> Path:
+def write_results(name: str, data: dict[str, Any] | list[Any], path: str | None) -> Path:
     out = Path(path) if path else RESULTS_DIR / f"{name}-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2))

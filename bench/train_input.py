@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.common import RESULTS_DIR, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--arch", "simple_cnn", "--arch-kwargs", '{"width": 64}', "--random-erasing", "0.5", "--amp", "on",
           "--channels-last", "--quiet", "--seed", "0"]  # fmt: skip
@@ -55,9 +57,7 @@ def main() -> None:
     rows = [{"pipeline": name, "median_epoch_s": round(statistics.median(t), 2), "epochs_timed": len(t),
              "speedup_vs_workers1": round(base / statistics.median(t), 2)} for name, t in times.items()]  # fmt: skip
     result = {"per_class": args.per_class, "train_images": round(args.per_class * 10 * 0.9), "rows": rows}
-    out = ROOT / "bench" / "results" / "train_input.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_results("train_input", result, str(RESULTS_DIR / "train_input.json"))
     print(f"{'pipeline':10} {'epoch s':>8} {'speed-up':>8}")
     for r in rows:
         print(f"{r['pipeline']:10} {r['median_epoch_s']:8.2f} {r['speedup_vs_workers1']:7.2f}x")

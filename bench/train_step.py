@@ -9,16 +9,13 @@ run; writes bench/results/train_step.json and prints a table with the bfloat16/f
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F  # noqa: N812 - the usual alias
 
+from bench.common import RESULTS_DIR, write_results
 from model.simple_cnn import SimpleCNN
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def images_per_second(width: int, dtype: torch.dtype | None, batch: int, steps: int) -> float:
@@ -56,9 +53,7 @@ def main() -> None:
         bf16 = images_per_second(width, torch.bfloat16, args.batch, args.steps)
         rows.append({"width": width, "fp32_img_s": round(fp32, 1), "bf16_img_s": round(bf16, 1),
                      "ratio": round(bf16 / fp32, 2)})  # fmt: skip
-    out = ROOT / "bench" / "results" / "train_step.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    write_results("train_step", rows, str(RESULTS_DIR / "train_step.json"))
     print(f"{'width':>5} {'fp32 img/s':>11} {'bf16 img/s':>11} {'bf16/fp32':>9}")
     for r in rows:
         print(f"{r['width']:>5} {r['fp32_img_s']:>11.0f} {r['bf16_img_s']:>11.0f} {r['ratio']:>9.2f}")

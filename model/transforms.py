@@ -97,12 +97,12 @@ def _interpolation(name: str) -> v2.InterpolationMode:
     return v2.InterpolationMode(name)
 
 
+def _to_normalized_float(prep: Mapping[str, Any]) -> list[Callable[..., Any]]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(prep["mean"]), std=list(prep["std"]))]
+
+
 def _normalize_tail(prep: Mapping[str, Any]) -> list[Callable[..., Any]]:
-    return [
-        v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(prep["mean"]), std=list(prep["std"])),
-    ]
+    return [v2.PILToTensor(), *_to_normalized_float(prep)]
 
 
 def build_eval_geometry(prep: Mapping[str, Any]) -> v2.Compose:
@@ -124,7 +124,7 @@ def build_eval_transform(prep: Mapping[str, Any]) -> v2.Compose:
 
 def build_normalize(prep: Mapping[str, Any]) -> v2.Compose:
     """uint8 tensor (..., C, H, W) -> normalised float tensor: the eval transform's last steps, for batches."""
-    return v2.Compose(_normalize_tail(prep)[1:])
+    return v2.Compose(_to_normalized_float(prep))
 
 
 @dataclass

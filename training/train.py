@@ -44,7 +44,7 @@ from model.predictor import available_cpus, resolve_device
 from model.registry import PRETRAINED_CHOICES, build_model, find_head, list_architectures, pretrained_preprocessing
 from model.sparsity import apply_masks, zero_masks
 from model.transforms import AUTO_AUGMENTS, CROP_MODES, TrainAugment, build_eval_transform, build_train_transform
-from training.batch_augment import BatchAugment, TensorImageDataset, batch_augment_problem
+from training.batch_augment import BatchAugment, TensorImageDataset
 from training.data import ImageListDataset, Splits, balanced_weights, find_splits, image_statistics
 from training.distill import DistillationLoss, Teacher
 from training.engine import evaluate, train_one_epoch
@@ -428,10 +428,10 @@ def main(args: argparse.Namespace, epoch_callback: Callable[[dict[str, Any]], bo
     workers = resolve_workers(args, world)
     batch_augment = None
     if args.batch_aug:
-        problem = batch_augment_problem(prep, aug)
-        if problem:
-            raise SystemExit(f"--batch-aug: {problem}")
-        batch_augment = BatchAugment(prep, aug, channels_last=args.channels_last).to(device)
+        try:
+            batch_augment = BatchAugment(prep, aug, channels_last=args.channels_last).to(device)
+        except ValueError as exc:  # flags it cannot reproduce; the message starts with --batch-aug
+            raise SystemExit(str(exc)) from None
         train_set: Dataset = TensorImageDataset(splits.train, prep)
         workers = 0  # indexing a tensor needs no worker; evaluation of cached images needs none either
     else:
