@@ -173,7 +173,7 @@ def classify(
     tensors: list[torch.Tensor] = []
     for _, data in uploads:
         try:
-            img = decode_image(data, max_pixels=cfg["MAX_IMAGE_PIXELS"], draft_size=predictor.preprocessing["resize"])
+            img = decode_image(data, max_pixels=cfg["MAX_IMAGE_PIXELS"], draft_size=predictor.preprocessing.resize)
             tensors.append(predictor.preprocess([img]))
             outcomes.append([])
         except ImageDecodeError as exc:

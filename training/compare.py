@@ -81,7 +81,7 @@ def run_one(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     result = train.main(train.get_args_parser().parse_args(argv))
     wall = time.perf_counter() - started
     bundle_path = out / "best.pth"
-    state = read_bundle(bundle_path)["state_dict"]
+    state = read_bundle(bundle_path).state_dict
     params = sum(v.numel() for k, v in state.items() if v.is_floating_point() and "running_" not in k)
     return {
         "arch": arch,

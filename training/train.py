@@ -14,6 +14,7 @@ the best model on the test split (or the validation split when there is none) in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -32,15 +33,18 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRa
 from torchvision.transforms import v2
 
 from model.bundle import (
+    Bundle,
     atomic_torch_save,
     library_versions,
+    load_bundle,
     make_bundle,
-    make_preprocessing,
     now_iso,
     plain,
     read_bundle,
+    save_bundle,
 )
 from model.predictor import available_cpus, resolve_device
+from model.preprocessing import Preprocessing
 from model.registry import PRETRAINED_CHOICES, build_model, find_head, list_architectures, pretrained_preprocessing
 from model.sparsity import apply_masks, zero_masks
 from model.transforms import AUTO_AUGMENTS, CROP_MODES, TrainAugment, build_eval_transform, build_train_transform
@@ -221,16 +225,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_preprocessing(args: argparse.Namespace, splits: Splits) -> dict[str, Any]:
+def resolve_preprocessing(args: argparse.Namespace, splits: Splits) -> Preprocessing:
     """The eval preprocessing stored in the bundle, resolved once from flags, weights and data."""
     pretrained = args.pretrained != "none" or bool(args.weights_file)
     native = pretrained_preprocessing(args.arch)
     stats = image_statistics(splits.train, channels=args.channels, seed=args.seed)
     if native is not None and (pretrained or args.arch != "simple_cnn"):
-        crop = args.img_size or native["crop"]
+        crop = args.img_size or native.crop
         channels = 3
-        mean, std = native["mean"], native["std"]
-        interpolation = native["interpolation"]
+        mean, std = native.mean, native.std
+        interpolation = native.interpolation
         if not pretrained:
             mean, std = _colour_stats(stats)
     else:
@@ -241,9 +245,7 @@ def resolve_preprocessing(args: argparse.Namespace, splits: Splits) -> dict[str,
             mean, std = [sum(mean) / 3], [sum(std) / 3]
         interpolation = "bilinear"
     resize = args.resize or (crop if crop < 64 else int(round(crop / 0.875)))
-    return make_preprocessing(
-        resize=resize, crop=crop, mean=mean, std=std, interpolation=interpolation, channels=channels
-    )
+    return Preprocessing(resize=resize, crop=crop, mean=mean, std=std, interpolation=interpolation, channels=channels)
 
 
 def _colour_stats(stats: dict[str, Any]) -> tuple[list[float], list[float]]:
@@ -340,17 +342,17 @@ def make_loader(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def apply_init_from(args: argparse.Namespace) -> dict[str, Any] | None:
+def apply_init_from(args: argparse.Namespace) -> Bundle | None:
     """--init-from: the bundle decides architecture and preprocessing; its weights load via --weights-file."""
     if not args.init_from:
         return None
     if args.weights_file:
         raise SystemExit("--init-from cannot be combined with --weights-file")
     bundle = read_bundle(args.init_from)
-    kwargs = {k: v for k, v in bundle["arch"]["kwargs"].items() if k != "in_channels"}
-    if args.arch != bundle["arch"]["name"]:
-        logger.info("--init-from %s: architecture %s", args.init_from, bundle["arch"]["name"])
-    args.arch = bundle["arch"]["name"]
+    kwargs = {k: v for k, v in bundle.arch_kwargs.items() if k != "in_channels"}
+    if args.arch != bundle.arch:
+        logger.info("--init-from %s: architecture %s", args.init_from, bundle.arch)
+    args.arch = bundle.arch
     args.arch_kwargs = json.dumps(kwargs)
     args.pretrained = "none"
     if args.resume:  # the weights and the preprocessing come from last.pth
@@ -388,24 +390,24 @@ def main(args: argparse.Namespace, epoch_callback: Callable[[dict[str, Any]], bo
     splits = find_splits(args.data, val_split=args.val_split, test_split=args.test_split, seed=args.seed)
     class_names = splits.class_names
     if resume_state is not None:
-        prep = resume_state["preprocessing"]
+        prep = Preprocessing.from_dict(resume_state["preprocessing"])
         if resume_state["class_names"] != class_names:
             raise SystemExit(f"{args.resume}: its classes differ from those found in {args.data}")
     elif init_bundle is not None:
-        prep = dict(init_bundle["preprocessing"])
+        prep = init_bundle.preprocessing
     else:
         prep = resolve_preprocessing(args, splits)
-    if args.arch.startswith("vit_") and prep["crop"] != 224:
-        arch_kwargs.setdefault("image_size", prep["crop"])
+    if args.arch.startswith("vit_") and prep.crop != 224:
+        arch_kwargs.setdefault("image_size", prep.crop)
     if args.arch.startswith("efficientnet_lite"):
-        arch_kwargs.setdefault("image_size", prep["crop"])
+        arch_kwargs.setdefault("image_size", prep.crop)
 
     model = build_model(
         args.arch,
         num_classes=len(class_names),
         pretrained=args.pretrained if resume_state is None else "none",
         weights_file=args.weights_file if resume_state is None else None,
-        in_channels=prep["channels"],
+        in_channels=prep.channels,
         **arch_kwargs,
     )
     if args.freeze_backbone:
@@ -515,7 +517,7 @@ def main(args: argparse.Namespace, epoch_callback: Callable[[dict[str, Any]], bo
             "workers": workers,
             "threads": threads,
             "world_size": world,
-            "preprocessing": prep,
+            "preprocessing": prep.to_dict(),
             "arch_kwargs": arch_kwargs,
             "data_layout": splits.layout,
         }
@@ -629,9 +631,10 @@ def main(args: argparse.Namespace, epoch_callback: Callable[[dict[str, Any]], bo
                 },
             )
             if improved:
-                atomic_torch_save(bundle, out / "best.pth")
-            bundle["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            bundle["resume"] = {
+                atomic_torch_save(bundle.to_dict(), out / "best.pth")
+            last = bundle.to_dict()
+            last["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            last["resume"] = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "scaler": scaler.state_dict() if scaler is not None else None,
@@ -642,7 +645,7 @@ def main(args: argparse.Namespace, epoch_callback: Callable[[dict[str, Any]], bo
                 "stale_epochs": stale,
                 "rng": {"torch": torch.get_rng_state()},
             }
-            atomic_torch_save(bundle, out / "last.pth")
+            atomic_torch_save(last, out / "last.pth")
             (out / "history.json").write_text(json.dumps(history, indent=2))
             plot_curves(history, out / "curves.png")
         if epoch_callback is not None and epoch_callback(entry):
@@ -666,8 +669,6 @@ def final_evaluation(
     out: Path, splits: Splits, device: torch.device, workers: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Evaluate best.pth on the test split (val when there is none) and store the figures in it."""
-    from model.bundle import load_bundle, save_bundle
-
     bundle, model = load_bundle(out / "best.pth")
     split = "test" if splits.test else "val"
     samples = splits.test or splits.val or splits.train
@@ -681,8 +682,8 @@ def final_evaluation(
         workers=workers,
         split=split,
     )
-    bundle["training"]["metrics"].update({f"{split}_top1": metrics["top1"], f"{split}_top5": metrics["top5"]})
-    save_bundle(bundle, out / "best.pth")
+    scores = {**bundle.training["metrics"], f"{split}_top1": metrics["top1"], f"{split}_top5": metrics["top5"]}
+    save_bundle(dataclasses.replace(bundle, training={**bundle.training, "metrics": scores}), out / "best.pth")
     logger.info(
         "best model on the %s split (%d images): top-1 %.4f, top-5 %.4f; report in %s",
         split,
