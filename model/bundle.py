@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from model import version as release
 from model.registry import build_model, find_head, is_known_architecture
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def library_versions() -> dict[str, str]:
     import torchvision
 
     return {
+        "imgclf": release.__version__,
         "python": platform.python_version(),
         "torch": str(torch.__version__),
         "torchvision": str(torchvision.__version__),
