@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from model import version as release
 from model.preprocessing import Preprocessing
 from model.registry import build_model, find_head, is_known_architecture
 
@@ -182,6 +183,7 @@ def library_versions() -> dict[str, str]:
     import torchvision
 
     return {
+        "imgclf": release.__version__,
         "python": platform.python_version(),
         "torch": str(torch.__version__),
         "torchvision": str(torchvision.__version__),
