@@ -17,7 +17,7 @@ from model.bundle import (
     read_bundle,
     save_bundle,
 )
-from tests.conftest import tiny_bundle
+from tests.support.bundles import tiny_bundle
 
 CLASSES = ["ant", "bee", "wasp"]
 
