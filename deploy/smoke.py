@@ -11,7 +11,7 @@ With ``--container NAME`` it also checks, through the docker CLI, what only the 
   an exec-form Python HEALTHCHECK, PATH starting at the venv, PYTHONUNBUFFERED, only real FLASK_*
   settings; and that deploy/k8s agrees (runAsUser, containerPort, the ConfigMap's FLASK_MODEL_DIR);
 - inside the running container: every process runs as that uid, PID 1 is gunicorn, Python is the
-  copied venv, the root file system refuses writes while /tmp takes them (--read-only), the default
+  copied venv, the root file system is mounted read-only while /tmp takes writes (--read-only), the default
   model and its ONNX export are baked where FLASK_MODEL_DIR points, torch and torchvision are the
   versions requirements-serve.txt pins, no compiler and no apt package lists, and /app holds the
   service's files and none of tests/, training/, bench/...;
@@ -81,7 +81,7 @@ app, models, lists = Path("/app"), Path(sys.argv[1]), Path("/var/lib/apt/lists")
 print(json.dumps({
     "processes": processes,
     "prefix": sys.prefix,
-    "app_writable": writable("/app"),
+    "root_options": [line.split()[3] for line in open("/proc/mounts") if line.split()[1] == "/"][-1:],
     "tmp_writable": writable("/tmp"),
     "app": sorted(str(p.relative_to(app)) for p in app.rglob("*") if "__pycache__" not in p.parts),
     "models": sorted(os.listdir(models)) if models.is_dir() else [],
@@ -220,8 +220,11 @@ def image_problems(config: dict[str, Any], settings: set[str], k8s: dict[str, An
     return problems
 
 
-def container_problems(facts: dict[str, Any], uid: int, read_only: bool, pins: dict[str, str]) -> list[str]:
-    """What is wrong inside a running container, from PROBE's facts."""
+def container_problems(
+    facts: dict[str, Any], uid: int, read_only: bool, pins: dict[str, str], default_model: str
+) -> list[str]:
+    """What is wrong inside a running container, from PROBE's facts; ``default_model`` is the bundle the
+    image bakes into its FLASK_MODEL_DIR (with its ONNX export, so the container starts without exporting)."""
     problems = []
     uids = {info["uid"] for info in facts["processes"].values()}
     if uids != {uid}:
@@ -231,10 +234,12 @@ def container_problems(facts: dict[str, Any], uid: int, read_only: bool, pins: d
         problems.append(f"PID 1 is {pid1}, not gunicorn")
     if facts["prefix"] != "/opt/venv":
         problems.append(f"python runs from {facts['prefix']}, not the venv /opt/venv")
-    if read_only and (facts["app_writable"] or not facts["tmp_writable"]):
-        problems.append(f"read-only root: /app writable {facts['app_writable']}, /tmp {facts['tmp_writable']}")
-    if not {"default.pth", "default.onnx"} <= set(facts["models"]):
-        problems.append(f"the image's model folder holds {facts['models']}, not default.pth and its ONNX export")
+    root_read_only = "ro" in ",".join(facts["root_options"]).split(",")
+    if read_only and (not root_read_only or not facts["tmp_writable"]):
+        problems.append(f"read-only root: / is mounted {facts['root_options']}, /tmp writable {facts['tmp_writable']}")
+    baked = {f"{default_model}.pth", f"{default_model}.onnx"}
+    if not baked <= set(facts["models"]):
+        problems.append(f"the image's model folder holds {facts['models']}, not {sorted(baked)}")
     for name, pin in pins.items():
         if facts[name].partition("+")[0] != pin:
             problems.append(f"{name} {facts[name]} in the image, {pin} in requirements-serve.txt")
@@ -278,7 +283,7 @@ def check_container(container: str, read_only: bool, health_timeout: float) -> N
     facts = json.loads(probe.stdout)
     print(f"container: {len(facts['processes'])} processes, torch {facts['torch']}, models {facts['models']}")
     uid = int(image["User"].partition(":")[0])
-    problems = container_problems(facts, uid, read_only, pinned_versions())
+    problems = container_problems(facts, uid, read_only, pinned_versions(), DEFAULTS["DEFAULT_MODEL"])
     check(not problems, "; ".join(problems))
 
     script = image["Healthcheck"]["Test"][1:]

@@ -129,12 +129,14 @@ def test_smoke_probe_runs_and_tells_this_machine_from_the_image(default_bundle):
     )
     facts = json.loads(done.stdout)
     assert facts["processes"] and facts["tmp_writable"] and facts["models"] == ["default.onnx", "default.pth"]
-    problems = " | ".join(smoke.container_problems(facts, 10001, True, smoke.pinned_versions()))
+    problems = " | ".join(smoke.container_problems(facts, 10001, True, smoke.pinned_versions(), "default"))
     assert "not the venv /opt/venv" in problems and "not gunicorn" in problems and "/app lacks" in problems
     assert "model folder" not in problems  # the session's default.pth has its ONNX export beside it
     assert "requirements-serve.txt" not in problems  # this venv's torch and torchvision are the pinned ones
-    wrong_pins = smoke.container_problems(facts, 10001, True, {"torch": "0.0.1"})
+    wrong_pins = smoke.container_problems(facts, 10001, True, {"torch": "0.0.1"}, "default")
     assert any("torch" in problem and "0.0.1" in problem for problem in wrong_pins)
+    other_model = smoke.container_problems(facts, 10001, True, {}, "imagenet")
+    assert any("imagenet.pth" in problem for problem in other_model)
 
 
 def test_requirements_keep_every_pin_in_one_place():
