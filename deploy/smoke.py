@@ -13,7 +13,8 @@ With ``--container NAME`` it also checks, through the docker CLI, what only the 
 - inside the running container: every process runs as that uid, PID 1 is gunicorn, Python is the
   copied venv, the root file system is mounted read-only while /tmp takes writes (--read-only), the default
   model and its ONNX export are baked where FLASK_MODEL_DIR points, torch and torchvision are the
-  versions requirements-serve.txt pins, no compiler and no apt package lists, and /app holds the
+  versions requirements-serve.txt pins (and the CPU-only build, --cpu-torch, for an image built with
+  the default TORCH_INDEX_URL), no compiler and no apt package lists, and /app holds the
   service's files and none of tests/, training/, bench/...;
 - the healthcheck script answers 0 when run in the container, and Docker's own verdict turns healthy.
 Prints what it got; exits 1 on the first failed check.
@@ -89,6 +90,7 @@ print(json.dumps({
     "apt_lists": sorted(p.name for p in lists.glob("*Packages*")) if lists.is_dir() else [],
     "torch": torch.__version__,
     "torchvision": torchvision.__version__,
+    "cuda": torch.version.cuda,
 }))
 """
 
@@ -267,7 +269,7 @@ def wait_healthy(container: str, timeout: float) -> str:
         time.sleep(2)
 
 
-def check_container(container: str, read_only: bool, health_timeout: float) -> None:
+def check_container(container: str, read_only: bool, health_timeout: float, cpu_torch: bool = False) -> None:
     sys.path.insert(0, str(REPO))
     from serving.config import DEFAULTS  # the repository's settings, with the repository on the path
 
@@ -284,6 +286,8 @@ def check_container(container: str, read_only: bool, health_timeout: float) -> N
     print(f"container: {len(facts['processes'])} processes, torch {facts['torch']}, models {facts['models']}")
     uid = int(image["User"].partition(":")[0])
     problems = container_problems(facts, uid, read_only, pinned_versions(), DEFAULTS["DEFAULT_MODEL"])
+    if cpu_torch and facts["cuda"] is not None:
+        problems.append(f"torch {facts['torch']} is a CUDA {facts['cuda']} build, not PyTorch's CPU-only wheel")
     check(not problems, "; ".join(problems))
 
     script = image["Healthcheck"]["Test"][1:]
@@ -306,6 +310,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--container", default=None, help="also check this running container with the docker CLI")
     p.add_argument("--read-only", action="store_true", help="with --container: its root file system must be read-only")
     p.add_argument(
+        "--cpu-torch",
+        action="store_true",
+        help="with --container: torch must be the CPU-only build (an image built with the default TORCH_INDEX_URL)",
+    )
+    p.add_argument(
         "--health-timeout", type=float, default=90.0, help="seconds to wait for Docker's health verdict (default: 90)"
     )
     return p
@@ -316,7 +325,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         run(base, args.image or chelsea_png(), args.ready_timeout, args.expect_model)
         if args.container:
-            check_container(args.container, args.read_only, args.health_timeout)
+            check_container(args.container, args.read_only, args.health_timeout, args.cpu_torch)
     except (
         SmokeFailure,
         requests.RequestException,
