@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import closing_app, tiny_bundle
-from helpers import CAT_LABELS, GunicornServer
 
 from app import create_app
+from serving.launcher import GunicornServer
+from tests.support.bundles import tiny_bundle
+from tests.support.photos import CAT_LABELS
+from tests.support.service import closing_app
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"

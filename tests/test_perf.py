@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import closing_app, tiny_bundle
-from helpers import CAT_LABELS, GunicornServer, top_label
 
 from app import create_app
 from model.onnx_files import SHA_KEY, file_sha256
 from model.onnx_runner import read_metadata
 from serving.config import ConfigError
+from serving.launcher import GunicornServer
+from tests.support.bundles import tiny_bundle
+from tests.support.photos import CAT_LABELS, top_label
+from tests.support.service import closing_app
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ("chelsea", "coffee", "astronaut", "china", "flower")

@@ -11,7 +11,7 @@ from PIL import Image
 from model.bundle import read_bundle
 from model.images import decode_image
 from model.predictor import Predictor, available_cpus, resolve_device
-from tests.conftest import tiny_bundle
+from tests.support.bundles import tiny_bundle
 
 CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat"}
 

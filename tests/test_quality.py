@@ -19,7 +19,7 @@ from model import prune, sparsity
 from model.bundle import load_bundle, read_bundle
 from model.predictor import Predictor
 from model.preprocessing import Preprocessing
-from tests.conftest import ROOT
+from tests.support import ROOT
 from training import compare, evaluate, train, tune
 from training.calibration import expected_calibration_error, fit_temperature
 from training.distill import DistillationLoss, Teacher, adapt_batch

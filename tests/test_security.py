@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bundle
 from flask import Response
 from PIL import Image
 
@@ -17,6 +16,7 @@ from app import create_app
 from model.transforms import LimitAspectRatio, build_eval_transform
 from serving import api
 from serving.http import content_security_policy
+from tests.support.bundles import tiny_bundle
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,17 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import closing_app, tiny_bundle
 from flask import request
-from helpers import CAT_LABELS, image_bytes, metric_samples, png_header_only, tiff_with_broken_second_page, top_label
 from openapi_spec_validator import validate
 from PIL import Image
 
 from app import create_app
 from serving.config import ConfigError
 from serving.registry import ModelLoadError
+from tests.support.bundles import tiny_bundle
+from tests.support.images import image_bytes, png_header_only, tiff_with_broken_second_page
+from tests.support.photos import CAT_LABELS, top_label
+from tests.support.service import closing_app, metric_samples
 
 TINY_CLASSES = ["red square", "green circle", "blue star"]
 

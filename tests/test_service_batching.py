@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bundle
-from helpers import metric_samples
 
 from app import create_app
 from model.predictor import Predictor
 from serving.batching import Batcher, BatcherClosed
+from tests.support.bundles import tiny_bundle
+from tests.support.service import metric_samples
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "china", "flower", "chelsea", "coffee", "china")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from model.bundle import Bundle, load_bundle, read_bundle
-from tests.conftest import ROOT
+from tests.support import ROOT
 from training import evaluate, predict, prepare_fashion_mnist, train
 
 FAST = ["--epochs", "1", "--batch-size", "16", "--quiet", "--workers", "0", "--seed", "1"]
