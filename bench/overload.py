@@ -30,7 +30,7 @@ from typing import Any
 
 from bench.common import cpu_info, write_results
 from bench.serve import load_photos, multipart, prepare_model_dir
-from bench.servers import Server
+from serving.launcher import GunicornServer
 
 PROBE_PERIOD_S = 0.25
 PROBE_TIMEOUT_S = 1.0
@@ -51,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- /proc
 
 
-def service_pids(server: Server) -> list[int]:
+def service_pids(server: GunicornServer) -> list[int]:
     assert server.proc is not None
     pid = server.proc.pid
     children = Path(f"/proc/{pid}/task/{pid}/children")
@@ -166,7 +166,7 @@ class Prober(threading.Thread):
 class MemorySampler(threading.Thread):
     """Sum of VmRSS over the service's processes every 250 ms (workers looked up again each time)."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: GunicornServer) -> None:
         super().__init__(daemon=True)
         self.server = server
         self.samples: list[tuple[float, int]] = []
@@ -260,7 +260,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
         workdir = Path(tmp)
         prepare_model_dir(bundle, "onnx", workdir / "models")
-        server = Server.service("overload", workdir / "models", workdir / "gunicorn.log")
+        server = GunicornServer(workdir / "models", workdir / "gunicorn.log", name="overload")
         server.start()
         try:
             result["ready_s"] = server.ready_s

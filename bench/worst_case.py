@@ -3,7 +3,7 @@
     python -m bench.worst_case [--quick] [--only NAME,NAME] [--out PATH]
 
 Each input is generated here, in memory and deterministically (no downloads): the hostile corpus's
-largest and deepest cases (tests/hostile.py), TIFFs of thousands of 1x1 pages, GIFs of many frames, a
+largest and deepest cases (tests/support/hostile.py), TIFFs of thousands of 1x1 pages, GIFs of many frames, a
 40 MP 16-bit greyscale PNG of ~80 KB, 16-bit and float TIFFs, a 40 MP RGBA PNG (the default
 FLASK_MAX_IMAGE_PIXELS), progressive JPEGs of very many scans, sixteen 40 MP PNGs in one request,
 a 12 MP phone-like JPEG as the ordinary reference and a small photo (chelsea.png) as the baseline.
@@ -25,7 +25,6 @@ import io
 import json
 import os
 import struct
-import sys
 import tempfile
 import threading
 import time
@@ -40,10 +39,8 @@ from PIL import Image
 
 from bench.common import cpu_info, write_results
 from bench.serve import prepare_model_dir
-from bench.servers import REPO, Server
-
-sys.path.insert(0, str(REPO / "tests"))
-import hostile  # noqa: E402  (tests/hostile.py: the hostile-input corpus)
+from serving.launcher import GunicornServer
+from tests.support import hostile  # the hostile-input corpus
 
 MiB = 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -318,7 +315,7 @@ def proc_status_kib(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
-def worker_pid(server: Server) -> int:
+def worker_pid(server: GunicornServer) -> int:
     assert server.proc is not None
     pid = server.proc.pid
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -374,7 +371,7 @@ def send(method: str, url: str, kwargs: dict[str, Any], timeout: float) -> dict[
 
 def measure(spec: Input, model_dir: Path, workdir: Path, warmup: dict[str, Any], timeout: float) -> dict[str, Any]:
     kwargs = spec.make()
-    server = Server.service(spec.name, model_dir, workdir / f"{spec.name}.log")
+    server = GunicornServer(model_dir, workdir / f"{spec.name}.log", name=spec.name)
     row: dict[str, Any] = {"input": spec.name, "what": spec.what, "concurrent": spec.concurrent}
     if spec.group:
         row["group"], row["size"] = spec.group, spec.size
