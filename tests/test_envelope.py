@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ import requests
 from conftest import closing_app, tiny_bundle
 from helpers import GunicornServer, image_bytes, metric_samples
 from PIL import Image
+
+from app import create_app
+from serving.config import API_KEY_MIN_LENGTH, ConfigError
 
 TINY_CLASSES = ["red square", "green circle", "blue star"]
 REQUESTS_METRIC = "imgclf_http_requests_total"
@@ -90,3 +94,78 @@ def test_made_up_methods_add_no_series_under_gunicorn(server: GunicornServer) ->
     text = requests.get(server.url("/metrics"), timeout=10).text
     assert series(text) == before and "QZ00" not in text
     assert metric_samples(text, REQUESTS_METRIC)['{endpoint="other",method="other",status="405"}'] >= 51.0
+
+
+# --- item 6: the API key fails closed and is read as written
+
+
+@pytest.mark.parametrize("value", ["", "null", "None", "   ", "short-key", "x" * (API_KEY_MIN_LENGTH - 1)])
+def test_a_set_but_unusable_api_key_stops_create_app(tiny_dir: Path, monkeypatch, value: str) -> None:
+    monkeypatch.setenv("FLASK_MODEL_DIR", str(tiny_dir))
+    monkeypatch.setenv("FLASK_DEFAULT_MODEL", "tiny")
+    monkeypatch.setenv("FLASK_API_KEY", value)
+    with pytest.raises(ConfigError, match="API_KEY") as raised:
+        create_app()
+    message = str(raised.value)
+    if value.strip().lower() in ("", "null", "none"):
+        assert "set but empty" in message
+    else:
+        assert "at least 16" in message and value not in message  # a secret is never quoted
+
+
+@pytest.mark.parametrize("value", ["", 1234567890123456789, ["k"] * 20])
+def test_a_set_but_unusable_api_key_in_the_test_config_stops_create_app(tiny_dir: Path, value) -> None:
+    with pytest.raises(ConfigError, match="API_KEY"):
+        create_app({"MODEL_DIR": str(tiny_dir), "DEFAULT_MODEL": "tiny", "API_KEY": value})
+
+
+def test_the_api_key_is_the_raw_environment_string(tiny_dir: Path, monkeypatch) -> None:
+    key = "1.000000000000000000"  # JSON would read the float 1.0: the key "1.0"
+    monkeypatch.setenv("FLASK_MODEL_DIR", str(tiny_dir))
+    monkeypatch.setenv("FLASK_DEFAULT_MODEL", "tiny")
+    monkeypatch.setenv("FLASK_API_KEY", key)
+    app = create_app()
+    try:
+        assert app.config["API_KEY"] == key
+        client = app.test_client()
+
+        def post(given: str) -> int:
+            return client.post("/predict", data=png(), content_type="image/png",
+                               headers={"Authorization": f"Bearer {given}"}).status_code  # fmt: skip
+
+        assert post("1.0") == 401
+        assert post(key) == 200
+    finally:
+        app.extensions["imgclf.models"].close()
+
+
+def test_no_api_key_still_means_an_open_server(tiny_dir: Path, monkeypatch) -> None:
+    monkeypatch.delenv("FLASK_API_KEY", raising=False)
+    with closing_app({"MODEL_DIR": str(tiny_dir), "DEFAULT_MODEL": "tiny"}) as app:
+        assert app.config["API_KEY"] is None
+        assert app.test_client().post("/predict", data=png(), content_type="image/png").status_code == 200
+
+
+def test_gunicorn_refuses_to_start_with_an_empty_or_null_api_key(tmp_path: Path, tiny_dir: Path) -> None:
+    servers = {
+        value or "empty": GunicornServer(tiny_dir, tmp_path / f"{value or 'empty'}.log",
+                                         env={"FLASK_API_KEY": value, "FLASK_DEFAULT_MODEL": "tiny"})
+        for value in ("", "null")
+    }  # fmt: skip
+    errors: dict[str, RuntimeError] = {}
+
+    def start(name: str) -> None:
+        try:
+            servers[name].start(timeout=120)
+        except RuntimeError as exc:
+            errors[name] = exc
+
+    with ThreadPoolExecutor(len(servers)) as pool:  # both starts at once: the failures are what we wait for
+        list(pool.map(start, servers))
+    for name, srv in servers.items():
+        srv.stop()
+        assert name in errors, f"{name}: the server started"
+        assert srv.proc is not None and srv.proc.returncode not in (0, None), name
+        log = srv.log()
+        assert "ConfigError: API_KEY is set but empty" in log, log[-3000:]
+        assert "Worker failed to boot" in log
