@@ -3,6 +3,8 @@ lines a client cannot forge. Each is checked through the Flask app and against r
 
 from __future__ import annotations
 
+import io
+import logging
 import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -12,10 +14,12 @@ import pytest
 import requests
 from conftest import closing_app, tiny_bundle
 from helpers import GunicornServer, image_bytes, metric_samples
+from hostile import multipart
 from PIL import Image
 
 from app import create_app
 from serving.config import API_KEY_MIN_LENGTH, ConfigError
+from serving.logs import EscapeControl, escape_control
 
 TINY_CLASSES = ["red square", "green circle", "blue star"]
 REQUESTS_METRIC = "imgclf_http_requests_total"
@@ -169,3 +173,57 @@ def test_gunicorn_refuses_to_start_with_an_empty_or_null_api_key(tmp_path: Path,
         log = srv.log()
         assert "ConfigError: API_KEY is set but empty" in log, log[-3000:]
         assert "Worker failed to boot" in log
+
+
+# --- item 9: control characters escaped in every log line
+
+
+def test_escape_control() -> None:
+    assert escape_control("GET /\nfake-line\r\t\x1b[2J\x00\x7f\x85\u2028ok é 🐈") == (
+        "GET /\\nfake-line\\r\\t\\x1b[2J\\x00\\x7f\\x85\\u2028ok é 🐈"
+    )
+
+
+def test_app_log_records_are_escaped_whatever_the_formatter() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.addFilter(EscapeControl())
+    log = logging.getLogger("test_envelope.escape")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("GET %s -> 404", "/\nfake-line")
+        try:
+            raise ValueError("bad name\nfake-line")
+        except ValueError:
+            log.exception("failed on %s", "x\nfake-line")
+    finally:
+        log.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "WARNING GET /\\nfake-line -> 404"
+    assert lines[1] == "ERROR failed on x\\nfake-line"
+    assert all(line.startswith("    ") for line in lines[2:]) and len(lines) > 3  # the traceback, indented
+    assert lines[-2:] == ["    ValueError: bad name", "    fake-line"]  # a traceback keeps its lines, indented
+    assert not any(line.startswith("fake-line") for line in lines)
+
+
+def test_gunicorn_logs_carry_no_forged_line(server: GunicornServer) -> None:
+    answer = raw_request(server.port, b"GET /%0Afake-line HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 404")
+    for path in ("/%0Dfake-line", "/%1B%5B2Jfake-line", "/%E2%80%A8fake-line"):
+        assert requests.get(server.url(path), timeout=10).status_code == 404
+    upload = multipart(b"cat\nfake-line.png", png())
+    r = requests.post(server.url("/predict"), timeout=30, **upload)
+    assert r.status_code in (200, 400), r.text
+    r = requests.post(server.url("/predict"), data=b"\n", headers={"Content-Type": "image/png"},
+                      params={"model": "\nfake-line", "top_k": "\nfake-line"}, timeout=30)  # fmt: skip
+    assert r.status_code in (400, 404)
+    log = server.log()
+    lines = log.splitlines()
+    assert not [line for line in lines if line.startswith("fake-line")], log[-3000:]
+    assert "\x1b" not in log and "\u2028" not in log
+    # the lines were written, escaped: gunicorn's access line and the app's own error line
+    assert re.search(r'"GET /\\nfake-line HTTP/1.1" 404 ', log), log[-3000:]
+    assert re.search(r"GET /\\nfake-line -> 404 not_found", log), log[-3000:]
+    assert '"GET /\\x1b[2Jfake-line HTTP/1.1" 404' in log and "/\\u2028fake-line" in log
