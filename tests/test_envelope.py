@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import closing_app, tiny_bundle
-from helpers import GunicornServer, image_bytes, metric_samples
-from hostile import multipart
 from PIL import Image
 
 from app import create_app
 from serving.config import API_KEY_MIN_LENGTH, ConfigError
+from serving.launcher import GunicornServer
 from serving.logs import EscapeControl, escape_control
+from tests.support.bundles import tiny_bundle
+from tests.support.hostile import multipart
+from tests.support.images import image_bytes
+from tests.support.service import closing_app, metric_samples
 
 TINY_CLASSES = ["red square", "green circle", "blue star"]
 REQUESTS_METRIC = "imgclf_http_requests_total"
