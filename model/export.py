@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from model.bundle import Bundle, _current_umask, load_bundle
+from model.bundle import Bundle, load_bundle
 from model.export_metadata import METADATA_KEYS, ExportMetadata, metadata_from_bundle, parse_metadata
+from model.files import atomic_write, file_sha256
 from model.images import decode_image
 from model.preprocessing import Preprocessing
 from model.transforms import build_eval_transform
@@ -161,19 +162,8 @@ def write_onnx(proto: Any, out: str | os.PathLike[str], metadata: Mapping[str, s
     props.update(metadata)
     onnx.helper.set_model_props(proto, props)
     onnx.checker.check_model(proto, full_check=True)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp's 0600 would hide the file from a server's user
-        os.close(fd)
-        onnx.save_model(proto, tmp, save_as_external_data=False)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # serialised by hand: onnx.save_model takes a file object's name for a path, and ours is a descriptor
+    out = atomic_write(out, lambda f: f.write(proto.SerializeToString()))
     logger.info("wrote %s (opset %d, %.1f MB)", out, _default_opset(proto), out.stat().st_size / 1e6)
     return out
 
@@ -260,16 +250,8 @@ def export_torchscript(bundle: Bundle, model: torch.nn.Module, out: str | os.Pat
     other = torch.randn(3, prep.channels, prep.crop, prep.crop)
     with torch.no_grad():
         traced = torch.jit.trace(model.eval(), example, check_inputs=[(other,)])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.jit.save(traced, tmp, _extra_files=metadata_from_bundle(bundle))
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    extra = metadata_from_bundle(bundle)
+    out = atomic_write(out, lambda f: torch.jit.save(traced, f, _extra_files=extra))
     logger.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
     return out
 
@@ -396,7 +378,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         with torch.inference_mode():
             report["fp32"] = {"file": str(out), **compare(reference, softmax_probs(module(batch), temperature))}
     else:
-        from model.onnx_files import SHA_KEY, file_sha256
+        from model.onnx_files import SHA_KEY
         from model.onnx_runner import OnnxPredictor
 
         sha = {SHA_KEY: file_sha256(args.bundle)}  # lets the service tell this export is of this bundle

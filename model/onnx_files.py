@@ -10,25 +10,15 @@ does it ahead of time), under a file lock so that several workers export once.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+from model.files import file_lock
 
 logger = logging.getLogger(__name__)
 
 SHA_KEY = "bundle_sha256"
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def onnx_candidates(bundle_path: str | os.PathLike[str], onnx_dir: str | os.PathLike[str] | None = None) -> list[Path]:
@@ -59,7 +49,7 @@ def exported_sha(path: Path) -> str | None:
 def export_for_serving(bundle_path: str | os.PathLike[str], out: Path, sha: str) -> Path:
     """Export ``bundle_path`` to ``out`` (atomically) unless another process did while we waited."""
     try:
-        with _file_lock(out.parent / f".{out.name}.lock"):
+        with file_lock(out.parent / f".{out.name}.lock"):
             return _export_locked(bundle_path, out, sha)
     except PermissionError as exc:
         raise PermissionError(
@@ -77,14 +67,3 @@ def _export_locked(bundle_path: str | os.PathLike[str], out: Path, sha: str) -> 
     logger.warning("exporting %s to %s (missing or stale); export ahead of time to start faster", bundle_path, out)
     bundle, model = load_bundle(bundle_path)
     return export_onnx(bundle, model, out, extra_metadata={SHA_KEY: sha})
-
-
-@contextmanager
-def _file_lock(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -123,7 +123,8 @@ class OnnxPredictor:
         The bundle is still read: it is validated, and its training record is what ``describe`` reports.
         """
         from model.bundle import read_bundle
-        from model.onnx_files import export_for_serving, exported_sha, file_sha256, onnx_candidates
+        from model.files import file_sha256
+        from model.onnx_files import export_for_serving, exported_sha, onnx_candidates
 
         started = time.perf_counter()
         bundle_path = Path(bundle_path)

@@ -12,7 +12,8 @@ from conftest import closing_app, tiny_bundle
 from helpers import CAT_LABELS, GunicornServer, top_label
 
 from app import create_app
-from model.onnx_files import SHA_KEY, file_sha256
+from model.files import file_sha256
+from model.onnx_files import SHA_KEY
 from model.onnx_runner import read_metadata
 from serving.config import ConfigError
 
