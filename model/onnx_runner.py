@@ -1,4 +1,4 @@
-"""Serving an exported ``.onnx`` with ONNX Runtime, as a drop-in for ``model.predictor.Predictor``.
+"""Serving an exported ``.onnx`` with ONNX Runtime: the ``model.predictor.Predictor`` for that backend.
 
 Same steps and contract: ``preprocess(images) -> batch``, ``infer(batch) -> probs`` (softmax of the
 logits divided by the temperature, a CPU float tensor), ``postprocess(probs)``. The class names,
@@ -21,8 +21,6 @@ import torch
 
 from model.export_metadata import parse_metadata
 from model.predictor import DEVICES, Predictor, available_cpus
-from model.preprocessing import Preprocessing
-from model.transforms import build_eval_transform
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +60,9 @@ def providers_for(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-class OnnxPredictor:
+class OnnxPredictor(Predictor):
     """An exported model under ONNX Runtime, with the eval transform and class names from its metadata."""
 
-    # The same code as Predictor's (not a copy): these need only ``transform``, ``class_names``,
-    # ``preprocessing`` and ``infer``, which both classes have.
-    preprocess = Predictor.preprocess
-    postprocess = Predictor.postprocess
-    predict = Predictor.predict
-    input_shape = Predictor.input_shape
-    warm_up = Predictor.warm_up
     backend = "onnx"
 
     def __init__(
@@ -87,19 +78,20 @@ class OnnxPredictor:
     ) -> None:
         started = time.perf_counter()
         self.path = Path(path)
-        self.name = name or self.path.stem
         opts = session_options(num_threads, spinning=spinning)
-        self.num_threads = opts.intra_op_num_threads
         self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers_for(device))
         self.providers: list[str] = self.session.get_providers()
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        info = parse_metadata(self.metadata, source=str(self.path))
-        self.training = training or {}
-        self.class_names: list[str] = list(info.class_names)
-        self.preprocessing: Preprocessing = info.preprocessing
-        self.info = info
-        self.temperature: float = info.temperature
-        self.transform = build_eval_transform(self.preprocessing)
+        self.info = parse_metadata(self.metadata, source=str(self.path))
+        super().__init__(
+            name=name or self.path.stem,
+            arch=self.info.arch,
+            class_names=self.info.class_names,
+            preprocessing=self.info.preprocessing,
+            temperature=self.info.temperature,
+            training=training or {},
+            num_threads=opts.intra_op_num_threads,
+        )
         self.input_name = self.session.get_inputs()[0].name
         self.load_seconds = time.perf_counter() - started
         self.warmup_seconds = self.warm_up() if warmup else 0.0
@@ -149,12 +141,8 @@ class OnnxPredictor:
                 logger.warning("cannot write %s (%s); exporting to %s instead", candidates[0], exc, fallback)
                 out = export_for_serving(bundle_path, fallback, sha)
             predictor = cls(out, warmup=warmup, **kwargs)
-        predictor.load_seconds = time.perf_counter() - started  # with the warm-up, like Predictor.from_file
+        predictor.load_seconds = time.perf_counter() - started  # with the warm-up, like TorchPredictor.from_file
         return predictor
-
-    @property
-    def arch(self) -> str:
-        return self.info.arch
 
     @property
     def device(self) -> torch.device:
@@ -165,10 +153,9 @@ class OnnxPredictor:
         return self.session.run(None, {self.input_name: x})[0]
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        """A batch (N, C, H, W) -> class probabilities (N, classes) on the CPU, temperature applied."""
         logits = torch.from_numpy(self.logits(batch))
         return torch.softmax(logits.float() / self.temperature, dim=1)
 
     def describe(self) -> dict[str, Any]:
         """What a client may know about the model (no weights): Predictor's fields, plus the providers."""
-        return {**Predictor.describe(self), "providers": self.providers}
+        return {**super().describe(), "providers": self.providers}

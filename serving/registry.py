@@ -17,7 +17,7 @@ from model.bundle import BundleError
 from model.default import ensure_default_model
 from model.files import file_lock
 from model.onnx_runner import OnnxPredictor
-from model.predictor import Predictor, configure_threads
+from model.predictor import Predictor, TorchPredictor, configure_threads
 from serving.batching import Batcher
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class ModelLoadError(RuntimeError):
 class ServedModel:
     """A predictor and the batcher in front of its ``infer``."""
 
-    def __init__(self, predictor: Predictor | OnnxPredictor, batcher: Batcher, load_seconds: float) -> None:
+    def __init__(self, predictor: Predictor, batcher: Batcher, load_seconds: float) -> None:
         self.predictor = predictor
         self.batcher = batcher
         self.load_seconds = load_seconds
@@ -130,10 +130,10 @@ class ModelRegistry:
 
 def load_predictor(
     path: Path, backend: str, *, device: str, num_threads: int | None, onnx_dir: str | None
-) -> Predictor | OnnxPredictor:
+) -> Predictor:
     """One bundle, loaded and warm, on the chosen backend."""
     if backend == "torch":
-        return Predictor.from_file(path, device=device, num_threads=num_threads or None)
+        return TorchPredictor.from_file(path, device=device, num_threads=num_threads or None)
     if backend != "onnx":
         raise ValueError(f"unknown backend {backend!r}")
     # torch only preprocesses single images here: its own thread pool would just compete with ONNX

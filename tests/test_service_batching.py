@@ -12,7 +12,7 @@ from conftest import tiny_bundle
 from helpers import metric_samples
 
 from app import create_app
-from model.predictor import Predictor
+from model.predictor import Predictor, TorchPredictor
 from serving.batching import Batcher, BatcherClosed
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "china", "flower", "chelsea", "coffee", "china")
@@ -21,7 +21,7 @@ PHOTOS = ("chelsea", "coffee", "astronaut", "china", "flower", "chelsea", "coffe
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
     path = tiny_bundle(tmp_path_factory.mktemp("tiny") / "tiny.pth", ["a", "b", "c", "d"])
-    return Predictor.from_file(path, device="cpu")
+    return TorchPredictor.from_file(path, device="cpu")
 
 
 class Recorder:
