@@ -11,7 +11,7 @@ Choices for this project's machine (2 CPU cores, no GPU), which the Performance 
   runs, so one worker (one copy of the models) stays the default. More workers: WEB_CONCURRENCY=2
   (each then gets 1 thread); more request threads: GUNICORN_THREADS. Both can also be given on the
   command line or in GUNICORN_CMD_ARGS.
-- Each worker makes glibc keep freed memory (model/allocator.py, mmap and trim thresholds 1 GiB, checked
+- Each worker makes glibc keep freed memory (serving/allocator.py, mmap and trim thresholds 1 GiB, checked
   with a probe): without it batching loses throughput here; with it batch 8 ran ~4x faster.
 - bind 127.0.0.1:8000: local only unless --bind or GUNICORN_CMD_ARGS="--bind 0.0.0.0:8000" says otherwise.
 - timeout 60 s: a worker stuck that long is restarted; a request normally takes tens of milliseconds.
@@ -66,7 +66,7 @@ def on_starting(server):
 
 
 def post_fork(server, worker):
-    from model.allocator import tune_glibc_malloc
+    from serving.allocator import tune_glibc_malloc
 
     if "FLASK_TORCH_THREADS" not in os.environ:
         os.environ["FLASK_TORCH_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // max(1, server.cfg.workers)))

@@ -75,7 +75,7 @@ def quick_defaults(args: argparse.Namespace) -> None:
 
 def run_child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    from model.allocator import active_allocator, glibc_version, mmap_probe, tune_glibc_malloc
+    from serving.allocator import active_allocator, glibc_version, mmap_probe, tune_glibc_malloc
 
     setting: dict[str, Any] = {}
     if spec["malloc"] == "mallopt":

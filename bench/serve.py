@@ -239,7 +239,7 @@ def prepare_model_dir(bundle: Path, backend: str, folder: Path) -> Path | None:
     if backend != "onnx":
         return None
     from model.files import file_sha256
-    from model.onnx_files import export_for_serving, exported_sha, onnx_candidates
+    from serving.exports import export_for_serving, exported_sha, onnx_candidates
 
     sha = file_sha256(bundle)
     for path in onnx_candidates(folder / "default.pth"):

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import PIL
 import torch
+import torchvision
 
 from model.files import atomic_write
 from model.preprocessing import Preprocessing
@@ -178,9 +180,6 @@ def plain(obj: Any) -> Any:
 
 
 def library_versions() -> dict[str, str]:
-    import PIL
-    import torchvision
-
     return {
         "python": platform.python_version(),
         "torch": str(torch.__version__),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,8 +39,11 @@ def session_options(num_threads: int | None = None, *, spinning: bool = True) ->
     return opts
 
 
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """An ONNX file's metadata properties, read by ONNX Runtime without optimising the graph (fast)."""
+def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """An ONNX file's metadata properties (raw strings), read by ONNX Runtime without optimising the graph.
+
+    The one reader of an export's metadata: ``parse_metadata`` turns the result into typed values.
+    """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
@@ -105,44 +107,6 @@ class OnnxPredictor(Predictor):
             self.num_threads,
             self.load_seconds,
         )
-
-    @classmethod
-    def for_bundle(
-        cls, bundle_path: str | os.PathLike[str], *, onnx_dir: str | os.PathLike[str] | None = None, **kwargs: Any
-    ) -> OnnxPredictor:
-        """Serve a bundle through its ONNX export (see model.onnx_files), exporting it first if missing or stale.
-
-        The bundle is still read: it is validated, and its training record is what ``describe`` reports.
-        """
-        from model.bundle import read_bundle
-        from model.files import file_sha256
-        from model.onnx_files import export_for_serving, exported_sha, onnx_candidates
-
-        started = time.perf_counter()
-        bundle_path = Path(bundle_path)
-        bundle = read_bundle(bundle_path)
-        sha = file_sha256(bundle_path)
-        kwargs.setdefault("name", bundle_path.stem)
-        kwargs["training"] = bundle.training
-        warmup = kwargs.pop("warmup", True)
-        candidates = onnx_candidates(bundle_path, onnx_dir)
-        predictor = None
-        for path in candidates:
-            if exported_sha(path) == sha:
-                predictor = cls(path, warmup=warmup, **kwargs)
-                break
-        if predictor is None:
-            try:
-                out = export_for_serving(bundle_path, candidates[0], sha)
-            except OSError as exc:  # a read-only model folder (a container's mount): export to a temp folder
-                if onnx_dir:
-                    raise
-                fallback = Path(tempfile.gettempdir()) / "imgclf-onnx" / candidates[0].name
-                logger.warning("cannot write %s (%s); exporting to %s instead", candidates[0], exc, fallback)
-                out = export_for_serving(bundle_path, fallback, sha)
-            predictor = cls(out, warmup=warmup, **kwargs)
-        predictor.load_seconds = time.perf_counter() - started  # with the warm-up, like TorchPredictor.from_file
-        return predictor
 
     @property
     def device(self) -> torch.device:

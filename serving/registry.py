@@ -16,9 +16,9 @@ from typing import Any
 from model.bundle import BundleError
 from model.default import ensure_default_model
 from model.files import file_lock
-from model.onnx_runner import OnnxPredictor
 from model.predictor import Predictor, TorchPredictor, configure_threads
 from serving.batching import Batcher
+from serving.exports import onnx_predictor_for_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -139,4 +139,4 @@ def load_predictor(
     # torch only preprocesses single images here: its own thread pool would just compete with ONNX
     # Runtime's for the same cores. ONNX Runtime's pool does not spin when idle, for the same reason.
     configure_threads(1)
-    return OnnxPredictor.for_bundle(path, onnx_dir=onnx_dir, device=device, num_threads=num_threads, spinning=False)
+    return onnx_predictor_for_bundle(path, onnx_dir=onnx_dir, device=device, num_threads=num_threads, spinning=False)

@@ -15,12 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from model import prune, sparsity
 from model.bundle import load_bundle, read_bundle
 from model.predictor import TorchPredictor
 from model.preprocessing import Preprocessing
 from tests.conftest import ROOT
-from training import compare, evaluate, train, tune
+from training import compare, evaluate, prune, sparsity, train, tune
 from training.calibration import expected_calibration_error, fit_temperature
 from training.distill import DistillationLoss, Teacher, adapt_batch
 

@@ -137,7 +137,7 @@ def test_malloc_keeps_freed_memory_on_glibc() -> None:
     """What gunicorn.conf.py's post_fork runs: glibc takes both thresholds and a 48 MiB block stays in the heap."""
     import platform
 
-    from model.allocator import mmap_probe, tune_glibc_malloc
+    from serving.allocator import mmap_probe, tune_glibc_malloc
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         assert tune_glibc_malloc() == {"mmap_threshold": None, "trim_threshold": None, "probe_mmapped": None}
