@@ -199,7 +199,7 @@ def test_every_module_the_service_loads_is_in_the_image(model_dir):
 import sys
 from pathlib import Path
 
-import model.allocator  # imported by gunicorn.conf.py in each worker
+import serving.allocator  # imported by gunicorn.conf.py in each worker
 from app import create_app
 
 create_app({"MODEL_DIR": sys.argv[1]})
