@@ -7,9 +7,11 @@ folder, so a crash at any moment leaves the old file or the new one, never half 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -62,10 +64,29 @@ def _current_umask() -> int:
 
 @contextmanager
 def file_lock(lock_path: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing): one process at a time, across workers."""
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing): one process at a time, across workers.
+
+    The lock file is opened without following a symbolic link and without truncating, and must be a
+    regular file: a link planted at its path (in a shared temporary folder, say) must not make us
+    create or truncate a file elsewhere, and a FIFO must not block the start. Either is an OSError
+    naming the path.
+    """
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock:
+    flags = os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(lock_path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(
+                exc.errno, "is a symbolic link: refusing to follow it for a lock file", str(lock_path)
+            ) from None
+        if exc.errno == errno.ENXIO:  # a FIFO with no reader (O_NONBLOCK keeps it from blocking)
+            raise OSError(exc.errno, "is not a regular file: refusing it as a lock file", str(lock_path)) from None
+        raise
+    with os.fdopen(fd, "wb") as lock:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "is not a regular file: refusing it as a lock file", str(lock_path))
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
+import stat
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +60,44 @@ def test_file_lock_excludes_another_process(tmp_path: Path) -> None:
         waited_until = time.monotonic()
     other.join(30)
     assert waited_until - float(marker.read_text()) >= 0.9, "the lock was taken while another process held it"
+
+
+@pytest.mark.parametrize("target_exists", [False, True], ids=["missing-target", "existing-target"])
+def test_file_lock_does_not_follow_a_symlink(tmp_path: Path, target_exists: bool) -> None:
+    target, lock = tmp_path / "elsewhere", tmp_path / ".x.lock"
+    if target_exists:
+        target.write_bytes(b"keep me")
+    lock.symlink_to(target)
+    with pytest.raises(OSError, match="symbolic link: refusing to follow it") as caught, file_lock(lock):
+        pass
+    assert caught.value.errno == errno.ELOOP and caught.value.filename == str(lock)
+    assert (target.read_bytes() == b"keep me") if target_exists else not target.exists()
+
+
+def test_file_lock_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
+    lock = tmp_path / ".x.lock"
+    os.mkfifo(lock)
+    # if opening it blocked (waiting for a reader), a reader arriving after 5 s ends the wait and the test fails
+    unblock = threading.Timer(5, lambda: os.close(os.open(lock, os.O_RDONLY | os.O_NONBLOCK)))
+    unblock.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(OSError, match="not a regular file"), file_lock(lock):
+            pass
+    finally:
+        unblock.cancel()
+    assert time.monotonic() - started < 5
+
+
+def test_file_lock_creates_a_private_file_and_keeps_its_content(tmp_path: Path) -> None:
+    lock = tmp_path / ".x.lock"
+    with file_lock(lock):
+        pass
+    assert stat.S_IMODE(lock.stat().st_mode) & 0o077 == 0
+    lock.write_bytes(b"left by a previous holder")
+    with file_lock(lock):
+        pass
+    assert lock.read_bytes() == b"left by a previous holder"  # opened without truncating
 
 
 def test_file_sha256(tmp_path: Path) -> None:

@@ -157,25 +157,3 @@ def test_bench_cold_start_quick_writes_json(default_bundle: Path, tmp_path: Path
     median = json.loads(out.read_text())["median"]["onnx"]
     assert 0 < median["model_load_warmup_s"] < median["total_s"]
     assert median["imports_s"] > 0 and "after_imports_s" in median
-
-
-def test_read_only_model_folder_exports_to_a_temporary_folder(tmp_path: Path, monkeypatch) -> None:
-    # A read-only mount cannot be made for root here: the file system's refusal is simulated.
-    import tempfile
-
-    from serving import exports
-
-    bundle = tiny_bundle(tmp_path / "models" / "mine.pth", ["a", "b"])
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    real_export = exports.export_for_serving
-
-    def read_only_beside_bundles(bundle_path, out, sha):
-        if out.parent == bundle.parent:
-            raise OSError(30, "Read-only file system", str(out))
-        return real_export(bundle_path, out, sha)
-
-    monkeypatch.setattr(exports, "export_for_serving", read_only_beside_bundles)
-    predictor = exports.onnx_predictor_for_bundle(bundle, num_threads=1)
-    assert predictor.path == tmp_path / "tmp" / "imgclf-onnx" / "mine.onnx"
-    assert read_onnx_metadata(predictor.path)[SHA_KEY] == file_sha256(bundle)
-    assert not (bundle.parent / "mine.onnx").exists()
