@@ -35,8 +35,17 @@ RUN python -m model.default --out /app/models/default.pth \
 # --- runtime: the venv, the default bundle and the application code; nothing else ---
 FROM python:3.11-slim
 
+# The version comes from model/version.py (its one source) and the revision from git: `make image`
+# passes both; a plain `docker build` labels the image "unknown".
+ARG VERSION=unknown
+ARG REVISION=unknown
+ARG SOURCE=""
 LABEL org.opencontainers.image.title="imgclf" \
-      org.opencontainers.image.description="Image classification API (Flask + gunicorn), POST /predict"
+      org.opencontainers.image.description="Image classification API (Flask + gunicorn), POST /predict" \
+      org.opencontainers.image.version="$VERSION" \
+      org.opencontainers.image.revision="$REVISION" \
+      org.opencontainers.image.source="$SOURCE" \
+      org.opencontainers.image.licenses="Apache-2.0"
 
 RUN groupadd --system --gid 10001 imgclf \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
@@ -50,6 +59,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
     FLASK_MODEL_DIR=/app/models \
+    IMGCLF_REVISION=$REVISION \
     GUNICORN_CMD_ARGS="--bind 0.0.0.0:8000 --worker-tmp-dir /dev/shm"
 
 COPY --from=builder /opt/venv /opt/venv

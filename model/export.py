@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
-from model.bundle import _current_umask, load_bundle
-from model.export_metadata import METADATA_KEYS, metadata_from_bundle, parse_metadata
+from model.bundle import Bundle, _current_umask, load_bundle
+from model.export_metadata import METADATA_KEYS, ExportMetadata, metadata_from_bundle, parse_metadata
 from model.images import decode_image
+from model.preprocessing import Preprocessing
 from model.transforms import build_eval_transform
 
 logger = logging.getLogger(__name__)
@@ -78,10 +79,10 @@ def list_images(folder: str | os.PathLike[str], limit: int | None = None) -> lis
     return paths[:limit] if limit else paths
 
 
-def load_batch(paths: Sequence[str | os.PathLike[str]], preprocessing: Mapping[str, Any]) -> torch.Tensor:
+def load_batch(paths: Sequence[str | os.PathLike[str]], preprocessing: Preprocessing) -> torch.Tensor:
     """Files -> one normalised batch, through the bundle's eval transform (the only one there is)."""
     transform = build_eval_transform(preprocessing)
-    return torch.stack([transform(decode_image(p, draft_size=preprocessing["resize"])) for p in paths])
+    return torch.stack([transform(decode_image(p, draft_size=preprocessing.resize)) for p in paths])
 
 
 # ---------------------------------------------------------------- ONNX
@@ -99,7 +100,7 @@ def _pick_exporter(opset: int, exporter: str) -> bool:
 
 
 def export_onnx(
-    bundle: Mapping[str, Any],
+    bundle: Bundle,
     model: torch.nn.Module,
     out: str | os.PathLike[str],
     *,
@@ -114,8 +115,8 @@ def export_onnx(
     import onnx
 
     dynamo = _pick_exporter(opset, exporter)
-    prep = bundle["preprocessing"]
-    example = torch.randn(2, prep["channels"], prep["crop"], prep["crop"])
+    prep = bundle.preprocessing
+    example = torch.randn(2, prep.channels, prep.crop, prep.crop)
     model = model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
@@ -177,7 +178,7 @@ def write_onnx(proto: Any, out: str | os.PathLike[str], metadata: Mapping[str, s
     return out
 
 
-def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_onnx_metadata(path: str | os.PathLike[str]) -> ExportMetadata:
     """The parsed metadata of an exported ONNX file (class names, preprocessing, arch, temperature)."""
     import onnx
 
@@ -188,11 +189,11 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 class _CalibrationReader:
     """Feeds calibration images, one per call, through the bundle's eval transform."""
 
-    def __init__(self, paths: Sequence[Path], preprocessing: Mapping[str, Any], input_name: str) -> None:
+    def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing, input_name: str) -> None:
         self._paths: Iterator[Path] = iter(paths)
         self._transform = build_eval_transform(preprocessing)
         self._input_name = input_name
-        self._resize = preprocessing["resize"]
+        self._resize = preprocessing.resize
 
     def get_next(self) -> dict[str, Any] | None:
         path = next(self._paths, None)
@@ -234,7 +235,7 @@ def quantize_onnx(
         else:
             if not calib_paths:
                 raise ValueError("static quantization needs calibration images (--calib DIR)")
-            reader = _CalibrationReader(calib_paths, info["preprocessing"], INPUT_NAME)
+            reader = _CalibrationReader(calib_paths, info.preprocessing, INPUT_NAME)
             CalibrationDataReader.register(_CalibrationReader)
             quantize_static(
                 str(pre),
@@ -252,11 +253,11 @@ def quantize_onnx(
 # ---------------------------------------------------------------- TorchScript
 
 
-def export_torchscript(bundle: Mapping[str, Any], model: torch.nn.Module, out: str | os.PathLike[str]) -> Path:
+def export_torchscript(bundle: Bundle, model: torch.nn.Module, out: str | os.PathLike[str]) -> Path:
     """Trace ``model`` (any batch size) and save it with the metadata as extra files, atomically."""
-    prep = bundle["preprocessing"]
-    example = torch.randn(2, prep["channels"], prep["crop"], prep["crop"])
-    other = torch.randn(3, prep["channels"], prep["crop"], prep["crop"])
+    prep = bundle.preprocessing
+    example = torch.randn(2, prep.channels, prep.crop, prep.crop)
+    other = torch.randn(3, prep.channels, prep.crop, prep.crop)
     with torch.no_grad():
         traced = torch.jit.trace(model.eval(), example, check_inputs=[(other,)])
     out = Path(out)
@@ -273,7 +274,7 @@ def export_torchscript(bundle: Mapping[str, Any], model: torch.nn.Module, out: s
     return out
 
 
-def load_torchscript(path: str | os.PathLike[str]) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+def load_torchscript(path: str | os.PathLike[str]) -> tuple[torch.jit.ScriptModule, ExportMetadata]:
     """A saved TorchScript model and its parsed metadata."""
     extra = dict.fromkeys(METADATA_KEYS, "")
     module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
@@ -296,16 +297,18 @@ def compare(reference: torch.Tensor, probs: torch.Tensor) -> dict[str, float]:
     }
 
 
-def folder_accuracy(infer: Any, folder: str | os.PathLike[str], info: Mapping[str, Any], batch_size: int = 32) -> float:
+def folder_accuracy(
+    infer: Any, folder: str | os.PathLike[str], info: Bundle | ExportMetadata, batch_size: int = 32
+) -> float:
     """Top-1 accuracy of ``infer`` (batch -> probs) on a labelled ImageFolder whose folders are class names."""
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    prep = info["preprocessing"]
+    prep = info.preprocessing
     dataset = ImageFolder(
-        str(folder), transform=build_eval_transform(prep), loader=lambda p: decode_image(p, draft_size=prep["resize"])
+        str(folder), transform=build_eval_transform(prep), loader=lambda p: decode_image(p, draft_size=prep.resize)
     )
-    names = list(info["class_names"])
+    names = list(info.class_names)
     unknown = [c for c in dataset.classes if c not in names]
     if unknown:
         raise ValueError(f"{folder}: folders {unknown[:5]} are not classes of this model")
@@ -377,8 +380,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.quantize == "static" and not args.calib:
         raise SystemExit("--quantize static needs --calib DIR")
     paths = _check_paths(args)
-    batch = load_batch(paths, bundle["preprocessing"])
-    temperature = float(bundle.get("temperature", 1.0))
+    batch = load_batch(paths, bundle.preprocessing)
+    temperature = bundle.temperature
     with torch.inference_mode():
         reference = softmax_probs(model(batch), temperature)
     report: dict[str, Any] = {
@@ -412,9 +415,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 "vs_fp32": compare(fp32_probs, int8.infer(batch)),
             }
             if args.eval_data:
-                info = {"class_names": bundle["class_names"], "preprocessing": bundle["preprocessing"]}
-                acc32 = folder_accuracy(fp32.infer, args.eval_data, info)
-                acc8 = folder_accuracy(int8.infer, args.eval_data, info)
+                acc32 = folder_accuracy(fp32.infer, args.eval_data, bundle)
+                acc8 = folder_accuracy(int8.infer, args.eval_data, bundle)
                 report["int8"]["eval"] = {
                     "data": str(args.eval_data),
                     "fp32": acc32,

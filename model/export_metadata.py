@@ -9,26 +9,39 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from model.bundle import FORMAT_VERSION, BundleError, make_preprocessing
+from model.bundle import FORMAT_VERSION, Bundle, BundleError
+from model.preprocessing import Preprocessing
 
 METADATA_KEYS = ("class_names", "preprocessing", "arch", "temperature", "bundle_format_version")
 
 
-def metadata_from_bundle(bundle: Mapping[str, Any]) -> dict[str, str]:
+@dataclass(frozen=True)
+class ExportMetadata:
+    """The serving facts read back from an exported file."""
+
+    class_names: tuple[str, ...]
+    preprocessing: Preprocessing
+    arch: str
+    arch_kwargs: dict[str, Any]
+    temperature: float = 1.0
+
+
+def metadata_from_bundle(bundle: Bundle) -> dict[str, str]:
     """The bundle's serving facts as JSON strings, keyed by ``METADATA_KEYS``."""
     return {
-        "class_names": json.dumps(list(bundle["class_names"])),
-        "preprocessing": json.dumps(dict(bundle["preprocessing"]), sort_keys=True),
-        "arch": json.dumps(dict(bundle["arch"]), sort_keys=True),
-        "temperature": json.dumps(float(bundle.get("temperature", 1.0))),
+        "class_names": json.dumps(list(bundle.class_names)),
+        "preprocessing": json.dumps(bundle.preprocessing.to_dict(), sort_keys=True),
+        "arch": json.dumps(bundle.to_dict()["arch"], sort_keys=True),
+        "temperature": json.dumps(bundle.temperature),
         "bundle_format_version": json.dumps(FORMAT_VERSION),
     }
 
 
-def parse_metadata(meta: Mapping[str, str], source: str = "exported model") -> dict[str, Any]:
-    """JSON strings -> validated ``class_names``, ``preprocessing``, ``arch``, ``temperature``."""
+def parse_metadata(meta: Mapping[str, str], source: str = "exported model") -> ExportMetadata:
+    """JSON strings -> validated class names, preprocessing, architecture and temperature."""
     missing = [k for k in ("class_names", "preprocessing", "arch") if k not in meta]
     if missing:
         raise BundleError(f"{source}: not exported by model.export (metadata lacks {missing})")
@@ -39,17 +52,19 @@ def parse_metadata(meta: Mapping[str, str], source: str = "exported model") -> d
     names = values["class_names"]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise BundleError(f"{source}: metadata 'class_names' must be a non-empty list of strings")
-    prep = values["preprocessing"]
     try:
-        prep = make_preprocessing(**prep)
-    except (TypeError, ValueError) as exc:
+        prep = Preprocessing.from_dict(values["preprocessing"])
+    except ValueError as exc:
         raise BundleError(f"{source}: metadata 'preprocessing' is invalid: {exc}") from None
     temperature = values.get("temperature", 1.0)
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise BundleError(f"{source}: metadata 'temperature' must be a positive number")
-    return {
-        "class_names": names,
-        "preprocessing": prep,
-        "arch": values["arch"],
-        "temperature": float(temperature),
-    }
+    arch = values["arch"] if isinstance(values["arch"], Mapping) else {}
+    kwargs = arch.get("kwargs") if isinstance(arch.get("kwargs"), Mapping) else {}
+    return ExportMetadata(
+        class_names=tuple(names),
+        preprocessing=prep,
+        arch=str(arch.get("name", "unknown")),
+        arch_kwargs=dict(kwargs),
+        temperature=float(temperature),
+    )

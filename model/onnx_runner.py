@@ -21,6 +21,7 @@ import torch
 
 from model.export_metadata import parse_metadata
 from model.predictor import DEVICES, Predictor, available_cpus
+from model.preprocessing import Preprocessing
 from model.transforms import build_eval_transform
 
 logger = logging.getLogger(__name__)
@@ -94,10 +95,10 @@ class OnnxPredictor:
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         info = parse_metadata(self.metadata, source=str(self.path))
         self.training = training or {}
-        self.class_names: list[str] = info["class_names"]
-        self.preprocessing: dict[str, Any] = info["preprocessing"]
-        self.arch_info: dict[str, Any] = info["arch"]
-        self.temperature: float = info["temperature"]
+        self.class_names: list[str] = list(info.class_names)
+        self.preprocessing: Preprocessing = info.preprocessing
+        self.info = info
+        self.temperature: float = info.temperature
         self.transform = build_eval_transform(self.preprocessing)
         self.input_name = self.session.get_inputs()[0].name
         self.load_seconds = time.perf_counter() - started
@@ -129,7 +130,7 @@ class OnnxPredictor:
         bundle = read_bundle(bundle_path)
         sha = file_sha256(bundle_path)
         kwargs.setdefault("name", bundle_path.stem)
-        kwargs["training"] = bundle.get("training")
+        kwargs["training"] = bundle.training
         warmup = kwargs.pop("warmup", True)
         candidates = onnx_candidates(bundle_path, onnx_dir)
         predictor = None
@@ -152,7 +153,7 @@ class OnnxPredictor:
 
     @property
     def arch(self) -> str:
-        return str(self.arch_info.get("name", "unknown"))
+        return self.info.arch
 
     @property
     def device(self) -> torch.device:

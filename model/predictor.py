@@ -9,14 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from model.bundle import load_bundle, model_from_bundle
+from model.bundle import Bundle, load_bundle, model_from_bundle
+from model.preprocessing import Preprocessing
 from model.transforms import build_eval_transform
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class Predictor:
 
     def __init__(
         self,
-        bundle: Mapping[str, Any],
+        bundle: Bundle,
         model: torch.nn.Module | None = None,
         *,
         name: str = "model",
@@ -67,9 +68,9 @@ class Predictor:
     ) -> None:
         self.bundle = bundle
         self.name = name
-        self.class_names: list[str] = list(bundle["class_names"])
-        self.preprocessing: dict[str, Any] = dict(bundle["preprocessing"])
-        self.temperature = float(bundle.get("temperature", 1.0))
+        self.class_names: list[str] = list(bundle.class_names)
+        self.preprocessing: Preprocessing = bundle.preprocessing
+        self.temperature = bundle.temperature
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             self.num_threads = configure_threads(num_threads)
@@ -101,12 +102,12 @@ class Predictor:
 
     @property
     def arch(self) -> str:
-        return str(self.bundle["arch"]["name"])
+        return self.bundle.arch
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         p = self.preprocessing
-        return (p["channels"], p["crop"], p["crop"])
+        return (p.channels, p.crop, p.crop)
 
     def warm_up(self) -> float:
         """One forward pass so the first real request does not pay for lazy initialisation."""
@@ -149,7 +150,7 @@ class Predictor:
             "arch": self.arch,
             "num_classes": len(self.class_names),
             "class_names": self.class_names,
-            "preprocessing": self.preprocessing,
+            "preprocessing": self.preprocessing.to_dict(),
             "temperature": self.temperature,
             "metrics": training.get("metrics", {}),
             "created": training.get("date"),
@@ -158,4 +159,4 @@ class Predictor:
 
     @property
     def training(self) -> dict[str, Any]:
-        return self.bundle.get("training") or {}
+        return self.bundle.training

@@ -57,22 +57,22 @@ def prune_bundle(
 ) -> dict[str, Any]:
     """Prune the bundle at ``src`` into ``dst``; returns sparsity and sizes before and after."""
     bundle, model = load_bundle(src)
-    before = {**sparsity(bundle["state_dict"]), **file_sizes(src)}
+    before = {**sparsity(bundle.state_dict), **file_sizes(src)}
     layers = prune_model(model, amount, structured)
-    training = dict(bundle.get("training") or {})
+    training = dict(bundle.training)
     pruning = {"amount": amount, "structured": structured, "layers": len(layers), "source": str(src)}
     training["pruning"] = pruning
     pruned = make_bundle(
-        arch=bundle["arch"]["name"],
-        arch_kwargs=bundle["arch"]["kwargs"],
-        class_names=bundle["class_names"],
-        preprocessing=bundle["preprocessing"],
+        arch=bundle.arch,
+        arch_kwargs=bundle.arch_kwargs,
+        class_names=bundle.class_names,
+        preprocessing=bundle.preprocessing,
         state_dict=model.state_dict(),
         training=training,
         temperature=1.0,
     )
     save_bundle(pruned, dst)
-    after = {**sparsity(pruned["state_dict"]), **file_sizes(dst)}
+    after = {**sparsity(pruned.state_dict), **file_sizes(dst)}
     return {**pruning, "before": before, "after": after}
 
 

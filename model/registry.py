@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.preprocessing import Preprocessing
 from model.simple_cnn import SimpleCNN
 
 logger = logging.getLogger(__name__)
@@ -114,18 +115,11 @@ def build_model(
     return model
 
 
-def pretrained_preprocessing(name: str) -> dict[str, Any] | None:
+def pretrained_preprocessing(name: str) -> Preprocessing | None:
     """The eval preprocessing the pretrained weights of ``name`` expect, or None for simple_cnn."""
     if name in _LITE:
         size = _LITE[name][2]
-        return {
-            "resize": int(round(size / 0.875)),
-            "crop": size,
-            "mean": [0.5, 0.5, 0.5],
-            "std": [0.5, 0.5, 0.5],
-            "interpolation": "bilinear",
-            "channels": 3,
-        }
+        return Preprocessing(resize=int(round(size / 0.875)), crop=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     if name == "simple_cnn":
         return None
     from torchvision.models import get_model_weights
@@ -133,23 +127,15 @@ def pretrained_preprocessing(name: str) -> dict[str, Any] | None:
     try:
         weights = get_model_weights(name).DEFAULT
     except (ValueError, KeyError):
-        return {
-            "resize": 256,
-            "crop": 224,
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "interpolation": "bilinear",
-            "channels": 3,
-        }
+        return Preprocessing(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     t = weights.transforms()
-    return {
-        "resize": int(t.resize_size[0]),
-        "crop": int(t.crop_size[0]),
-        "mean": [float(m) for m in t.mean],
-        "std": [float(s) for s in t.std],
-        "interpolation": t.interpolation.value,
-        "channels": 3,
-    }
+    return Preprocessing(
+        resize=int(t.resize_size[0]),
+        crop=int(t.crop_size[0]),
+        mean=tuple(t.mean),
+        std=tuple(t.std),
+        interpolation=t.interpolation.value,
+    )
 
 
 def imagenet_categories() -> list[str]:

@@ -77,7 +77,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     from model.bundle import read_bundle
 
     bundle = read_bundle(path)
-    return {"bundle": str(path), **sparsity(bundle["state_dict"]), **file_sizes(path)}
+    return {"bundle": str(path), **sparsity(bundle.state_dict), **file_sizes(path)}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

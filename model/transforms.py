@@ -1,4 +1,4 @@
-"""Transforms built from a bundle's preprocessing dict: the eval transform is made here and nowhere else.
+"""Transforms built from a bundle's ``Preprocessing``: the eval transform is made here and nowhere else.
 
 Training augmentations come from flags (``TrainAugment``) but end in the same channel conversion,
 dtype and normalisation as the eval transform, so the two cannot drift apart.
@@ -6,13 +6,15 @@ dtype and normalisation as the eval transform, so the two cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
 from torchvision.transforms import v2
+
+from model.preprocessing import Preprocessing
 
 AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment", "autoaugment")
 CROP_MODES = ("auto", "random-resized", "pad", "center")
@@ -97,32 +99,32 @@ def _interpolation(name: str) -> v2.InterpolationMode:
     return v2.InterpolationMode(name)
 
 
-def _to_normalized_float(prep: Mapping[str, Any]) -> list[Callable[..., Any]]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(prep["mean"]), std=list(prep["std"]))]
+def _to_normalized_float(prep: Preprocessing) -> list[Callable[..., Any]]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(prep.mean), std=list(prep.std))]
 
 
-def _normalize_tail(prep: Mapping[str, Any]) -> list[Callable[..., Any]]:
+def _normalize_tail(prep: Preprocessing) -> list[Callable[..., Any]]:
     return [v2.PILToTensor(), *_to_normalized_float(prep)]
 
 
-def build_eval_geometry(prep: Mapping[str, Any]) -> v2.Compose:
+def build_eval_geometry(prep: Preprocessing) -> v2.Compose:
     """PIL image -> PIL image of the model's mode and size (crop x crop): the eval transform's first half."""
     return v2.Compose(
         [
-            ToModelMode(prep["channels"]),
+            ToModelMode(prep.channels),
             LimitAspectRatio(),
-            v2.Resize(prep["resize"], interpolation=_interpolation(prep["interpolation"]), antialias=True),
-            v2.CenterCrop(prep["crop"]),
+            v2.Resize(prep.resize, interpolation=_interpolation(prep.interpolation), antialias=True),
+            v2.CenterCrop(prep.crop),
         ]
     )
 
 
-def build_eval_transform(prep: Mapping[str, Any]) -> v2.Compose:
+def build_eval_transform(prep: Preprocessing) -> v2.Compose:
     """PIL image -> normalised float tensor (C, crop, crop), exactly as the bundle says."""
     return v2.Compose([*build_eval_geometry(prep).transforms, *_normalize_tail(prep)])
 
 
-def build_normalize(prep: Mapping[str, Any]) -> v2.Compose:
+def build_normalize(prep: Preprocessing) -> v2.Compose:
     """uint8 tensor (..., C, H, W) -> normalised float tensor: the eval transform's last steps, for batches."""
     return v2.Compose(_to_normalized_float(prep))
 
@@ -139,28 +141,26 @@ class TrainAugment:
     color_jitter: float = 0.0
     random_erasing: float = 0.0
 
-    def resolved_crop(self, prep: Mapping[str, Any]) -> str:
+    def resolved_crop(self, prep: Preprocessing) -> str:
         if self.crop != "auto":
             return self.crop
-        return "pad" if prep["crop"] < 64 else "random-resized"
+        return "pad" if prep.crop < 64 else "random-resized"
 
 
-def build_train_transform(prep: Mapping[str, Any], aug: TrainAugment) -> v2.Compose:
+def build_train_transform(prep: Preprocessing, aug: TrainAugment) -> v2.Compose:
     if aug.crop not in CROP_MODES:
         raise ValueError(f"crop must be one of {CROP_MODES}")
     if aug.auto_augment not in AUTO_AUGMENTS:
         raise ValueError(f"auto_augment must be one of {AUTO_AUGMENTS}")
-    interp = _interpolation(prep["interpolation"])
-    steps: list[Callable[..., Any]] = [ToModelMode(prep["channels"])]
+    interp = _interpolation(prep.interpolation)
+    steps: list[Callable[..., Any]] = [ToModelMode(prep.channels)]
     crop = aug.resolved_crop(prep)
     if crop == "random-resized":
-        steps.append(
-            v2.RandomResizedCrop(prep["crop"], scale=(aug.min_scale, 1.0), interpolation=interp, antialias=True)
-        )
+        steps.append(v2.RandomResizedCrop(prep.crop, scale=(aug.min_scale, 1.0), interpolation=interp, antialias=True))
     else:
-        steps += [v2.Resize(prep["resize"], interpolation=interp, antialias=True), v2.CenterCrop(prep["crop"])]
+        steps += [v2.Resize(prep.resize, interpolation=interp, antialias=True), v2.CenterCrop(prep.crop)]
         if crop == "pad" and aug.pad > 0:
-            steps.append(v2.RandomCrop(prep["crop"], padding=aug.pad, padding_mode="reflect"))
+            steps.append(v2.RandomCrop(prep.crop, padding=aug.pad, padding_mode="reflect"))
     if aug.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(aug.hflip))
     if aug.auto_augment == "trivialaugment":
@@ -171,7 +171,7 @@ def build_train_transform(prep: Mapping[str, Any], aug: TrainAugment) -> v2.Comp
         steps.append(v2.AutoAugment(interpolation=interp))
     if aug.color_jitter > 0:
         j = aug.color_jitter
-        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j if prep["channels"] == 3 else 0))
+        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j if prep.channels == 3 else 0))
     steps += _normalize_tail(prep)
     if aug.random_erasing > 0:
         steps.append(v2.RandomErasing(p=aug.random_erasing))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from model import version as release
 from model.images import ImageDecodeError, decode_image
 from serving.batching import BatcherClosed
 from serving.errors import ApiError
@@ -36,6 +38,12 @@ def healthz() -> Response:
     return jsonify(status="ok")
 
 
+@bp.get("/version")
+def version() -> Response:
+    """Which build answers: the project's version, and the source revision when the image was given one."""
+    return jsonify(version=release.__version__, revision=os.environ.get("IMGCLF_REVISION") or None)
+
+
 @bp.get("/readyz")
 def readyz() -> Response:
     reg = registry()
@@ -47,7 +55,9 @@ def readyz() -> Response:
 @bp.get("/models")
 def models() -> Response:
     reg = registry()
-    return jsonify(default_model=reg.default, models=[m.describe() for m in reg.models.values()])
+    return jsonify(
+        version=release.__version__, default_model=reg.default, models=[m.describe() for m in reg.models.values()]
+    )
 
 
 @bp.get("/metrics")
@@ -173,7 +183,7 @@ def classify(
     tensors: list[torch.Tensor] = []
     for _, data in uploads:
         try:
-            img = decode_image(data, max_pixels=cfg["MAX_IMAGE_PIXELS"], draft_size=predictor.preprocessing["resize"])
+            img = decode_image(data, max_pixels=cfg["MAX_IMAGE_PIXELS"], draft_size=predictor.preprocessing.resize)
             tensors.append(predictor.preprocess([img]))
             outcomes.append([])
         except ImageDecodeError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from model import version as release
 from serving.errors import IMAGE_ERROR_STATUS
 
 JSON = "application/json"
@@ -96,12 +97,13 @@ def build_openapi(config: Mapping[str, Any], model_names: list[str]) -> dict[str
         "openapi": "3.1.0",
         "info": {
             "title": "imgclf",
-            "version": "1.0.0",
+            "version": release.__version__,
             "description": "Image classification: top-k classes of an uploaded photo.",
         },
         "paths": {
             "/predict": {"post": predict},
             "/healthz": {"get": _simple("Liveness: the worker answers", "Status")},
+            "/version": {"get": _simple("The project's version and the image's source revision", "Version")},
             "/readyz": {
                 "get": {
                     **_simple("Readiness: every model loaded and warmed up", "Ready"),
@@ -211,6 +213,17 @@ def _schemas() -> dict[str, Any]:
             },
         },
         "Status": {"type": "object", "properties": {"status": {"type": "string"}}},
+        "Version": {
+            "type": "object",
+            "required": ["version", "revision"],
+            "properties": {
+                "version": {"type": "string", "description": "the project's version (model/version.py)"},
+                "revision": {
+                    "type": ["string", "null"],
+                    "description": "the source revision the image was built from, when known",
+                },
+            },
+        },
         "Ready": {
             "type": "object",
             "properties": {
@@ -222,6 +235,7 @@ def _schemas() -> dict[str, Any]:
         "Models": {
             "type": "object",
             "properties": {
+                "version": {"type": "string"},
                 "default_model": {"type": "string"},
                 "models": {
                     "type": "array",

@@ -17,11 +17,19 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, render_template, request, url_for
 
+from model import version as release
 from serving.api import classify, parse_top_k, pick_model, read_uploads, registry
 from serving.errors import ApiError, handle_error
 from serving.http import content_security_policy
 
 bp = Blueprint("pages", __name__)
+
+
+@bp.app_context_processor
+def _version() -> dict[str, str]:
+    """Every page shows which version answers (footer)."""
+    return {"version": release.__version__}
+
 
 # Added to the headers every response gets in serving/http.py (nosniff, Referrer-Policy, X-Frame-Options,
 # CORP), which only sets what is not already set; the CSP comes from its content_security_policy().

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from model.bundle import load_bundle, make_bundle, make_preprocessing, save_bundle
+from model.bundle import load_bundle, make_bundle, save_bundle
 from model.export import export_onnx
+from model.preprocessing import Preprocessing
 from model.registry import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +92,7 @@ def tiny_bundle(path: Path, class_names: list[str], *, seed: int = 0, channels: 
     """A small simple_cnn bundle with random weights: enough for routing, loading and error tests."""
     torch.manual_seed(seed)
     model = build_model("simple_cnn", num_classes=len(class_names), in_channels=channels, width=4, stages=2)
-    prep = make_preprocessing(
+    prep = Preprocessing(
         resize=size,
         crop=size,
         mean=[0.5] * channels,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,11 @@ import torch
 from PIL import Image
 from torch.nn import functional as F  # noqa: N812 - the usual alias
 
-from model.bundle import load_bundle, make_bundle, make_preprocessing, save_bundle
+from model.bundle import load_bundle, make_bundle, save_bundle
 from model.export import export_onnx
 from model.onnx_runner import OnnxPredictor
 from model.predictor import Predictor
+from model.preprocessing import Preprocessing
 from model.simple_cnn import SimpleCNN
 from model.transforms import TrainAugment, build_eval_transform, build_normalize
 from tests.test_training import FAST, _check_run, run_train
@@ -20,7 +22,7 @@ from training import prepare_fashion_mnist
 from training.batch_augment import BatchAugment, TensorImageDataset, batch_augment_problem
 from training.data import find_splits
 
-PREP = make_preprocessing(resize=28, crop=28, mean=[0.2860], std=[0.3530], channels=1)
+PREP = Preprocessing(resize=28, crop=28, mean=[0.2860], std=[0.3530], channels=1)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,7 @@ def test_what_batch_aug_cannot_do_is_refused(fashion_subset: Path, tmp_path: Pat
     assert batch_augment_problem(PREP, TrainAugment()) is None
     assert "random-resized" in batch_augment_problem(PREP, TrainAugment(crop="random-resized"))
     assert "--auto-augment" in batch_augment_problem(PREP, TrainAugment(auto_augment="trivialaugment"))
-    big = {**PREP, "resize": 128, "crop": 112}
+    big = dataclasses.replace(PREP, resize=128, crop=112)
     assert batch_augment_problem(big, TrainAugment()) is not None  # large images get RandomResizedCrop
     with pytest.raises(SystemExit, match="--batch-aug"):
         run_train("--data", str(fashion_subset), "--out", str(tmp_path / "run"), *FAST,
@@ -106,8 +108,8 @@ def test_training_with_batch_aug_and_flip_tta(fashion_subset: Path, tmp_path: Pa
     run_train("--data", str(fashion_subset), "--out", str(out), *FAST, "--batch-aug", "--channels-last",
               "--random-erasing", "0.5", "--arch-kwargs", '{"width": 8, "tta_hflip": true}')  # fmt: skip
     bundle = _check_run(out, sorted(prepare_fashion_mnist.CLASS_NAMES))
-    assert bundle["arch"]["kwargs"]["tta_hflip"] is True
-    assert bundle["training"]["args"]["batch_aug"] is True
+    assert bundle.arch_kwargs["tta_hflip"] is True
+    assert bundle.training["args"]["batch_aug"] is True
 
 
 def _logits(model: SimpleCNN, x: torch.Tensor, tta: bool) -> torch.Tensor:
@@ -137,14 +139,14 @@ def test_flip_tta_travels_with_the_bundle_to_predictor_and_onnx(photos, tmp_path
         arch="simple_cnn",
         arch_kwargs={"width": 4, "stages": 2, "tta_hflip": True},
         class_names=["a", "b", "c", "d"],
-        preprocessing=make_preprocessing(resize=36, crop=32, mean=[0.5] * 3, std=[0.25] * 3),
+        preprocessing=Preprocessing(resize=36, crop=32, mean=[0.5] * 3, std=[0.25] * 3),
         state_dict=model.state_dict(),
     )
     save_bundle(bundle, tmp_path / "tta.pth")
     loaded, rebuilt = load_bundle(tmp_path / "tta.pth")
     assert rebuilt.tta_hflip and not rebuilt.training
     image = Image.open(photos["chelsea"])
-    x = build_eval_transform(loaded["preprocessing"])(image)[None]
+    x = build_eval_transform(loaded.preprocessing)(image)[None]
     expected = ((_logits(rebuilt, x, False) + _logits(rebuilt, x.flip(-1), False)) / 2).softmax(1)[0]
     rebuilt.tta_hflip = True
     top = Predictor.from_file(tmp_path / "tta.pth", device="cpu").predict([image], top_k=4)[0]

@@ -17,6 +17,8 @@ from model.bundle import (
     read_bundle,
     save_bundle,
 )
+from model.preprocessing import Preprocessing
+from model.registry import build_model
 from tests.conftest import tiny_bundle
 
 CLASSES = ["ant", "bee", "wasp"]
@@ -129,8 +131,10 @@ def test_pickle_that_would_run_code_is_refused(tmp_path: Path, monkeypatch: pyte
 
 
 def test_save_refuses_invalid_bundle(tmp_path: Path) -> None:
-    bad = make_bundle(arch="simple_cnn", arch_kwargs={}, class_names=[], preprocessing={}, state_dict={}, training={})
     with pytest.raises(BundleError):
+        bad = make_bundle(
+            arch="simple_cnn", arch_kwargs={}, class_names=[], preprocessing={}, state_dict={}, training={}
+        )
         save_bundle(bad, tmp_path / "bad.pth")
     assert not (tmp_path / "bad.pth").exists()
 
@@ -159,6 +163,61 @@ def test_stale_temporary_file_from_a_killed_writer_is_harmless(tmp_path: Path) -
     path = tiny_bundle(tmp_path / "best.pth", CLASSES)
     (tmp_path / ".best.pth.abc123.tmp").write_bytes(b"\x00" * 1000)  # what kill -9 mid-write leaves
     bundle, _ = load_bundle(path)
-    assert bundle["class_names"] == CLASSES
+    assert list(bundle.class_names) == CLASSES
     atomic_torch_save({"x": torch.ones(1)}, tmp_path / "other.pth")
     assert torch.load(tmp_path / "other.pth", weights_only=True)["x"].item() == 1.0
+
+
+def test_a_bundle_written_as_a_plain_dict_in_todays_format_loads(tmp_path: Path) -> None:
+    """The file format is a contract: a dict built by hand (as older code wrote it) still loads."""
+    torch.manual_seed(0)
+    model = build_model("simple_cnn", num_classes=3, in_channels=1, width=4, stages=2)
+    old = {
+        "format": "imgclf-bundle",
+        "format_version": 1,
+        "arch": {"name": "simple_cnn", "kwargs": {"width": 4, "stages": 2}},
+        "class_names": ["ant", "bee", "wasp"],
+        "preprocessing": {
+            "resize": 32,
+            "crop": 28,
+            "mean": [0.3],
+            "std": [0.35],
+            "interpolation": "bicubic",
+            "channels": 1,
+        },  # fmt: skip
+        "temperature": 1.5,
+        "state_dict": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": {"date": "2024-01-01T00:00:00+00:00", "metrics": {"val_top1": 0.5}},
+    }
+    path = tmp_path / "old.pth"
+    torch.save(old, path)
+    bundle, rebuilt = load_bundle(path)
+    assert bundle.arch == "simple_cnn" and bundle.arch_kwargs == {"width": 4, "stages": 2}
+    assert bundle.class_names == ("ant", "bee", "wasp")
+    assert bundle.preprocessing == Preprocessing(resize=32, crop=28, mean=(0.3,), std=(0.35,), interpolation="bicubic",
+                                                 channels=1)  # fmt: skip
+    assert bundle.temperature == 1.5 and bundle.training == old["training"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value)
+    # and writing it back gives the same file format, key for key
+    save_bundle(bundle, tmp_path / "again.pth")
+    again = torch.load(tmp_path / "again.pth", weights_only=True)
+    assert list(again) == list(old)
+    assert {k: v for k, v in again.items() if k != "state_dict"} == {k: v for k, v in old.items() if k != "state_dict"}
+    assert all(torch.equal(again["state_dict"][k], v) for k, v in old["state_dict"].items())
+
+
+def test_preprocessing_validates_and_round_trips() -> None:
+    prep = Preprocessing.from_dict({"resize": 36, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3})
+    assert prep.mean == (0.5, 0.5, 0.5) and prep.interpolation == "bilinear" and prep.channels == 3
+    assert prep.to_dict() == {"resize": 36, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3,
+                              "interpolation": "bilinear", "channels": 3}  # fmt: skip
+    assert Preprocessing.from_dict(prep.to_dict()) == prep
+    with pytest.raises(ValueError, match="unknown keys \\['size'\\]"):
+        Preprocessing.from_dict({**prep.to_dict(), "size": 3})
+    with pytest.raises(ValueError, match="'crop' must not exceed 'resize'"):
+        Preprocessing(resize=28, crop=32, mean=[0.5] * 3, std=[0.25] * 3)
+    with pytest.raises(ValueError, match="'mean' must be a list of 1 numbers"):
+        Preprocessing(resize=28, crop=28, mean=[0.5] * 3, std=[0.25], channels=1)
+    with pytest.raises(ValueError, match="'resize' must be a positive integer"):
+        Preprocessing.from_dict({"crop": 28, "mean": [0.5], "std": [0.25], "channels": 1})

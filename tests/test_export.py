@@ -12,10 +12,11 @@ import onnx
 import pytest
 import torch
 
-from model.bundle import BundleError, load_bundle, make_bundle, make_preprocessing, save_bundle
+from model.bundle import BundleError, load_bundle, make_bundle, save_bundle
 from model.default import ensure_default_model
 from model.export import get_args_parser, load_batch, load_torchscript, main, read_onnx_metadata, sample_photos
 from model.onnx_runner import OnnxPredictor
+from model.preprocessing import Preprocessing
 from model.registry import build_model
 from model.transforms import build_eval_transform
 
@@ -48,7 +49,7 @@ def onnx_export(default_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
 def torch_probs(torch_default, batch: torch.Tensor) -> torch.Tensor:
     bundle, model = torch_default
     with torch.inference_mode():
-        return torch.softmax(model(batch) / bundle.get("temperature", 1.0), dim=1)
+        return torch.softmax(model(batch) / bundle.temperature, dim=1)
 
 
 def test_sample_photos_are_real() -> None:
@@ -59,7 +60,7 @@ def test_onnx_fp32_parity_on_real_photos(onnx_export: dict, torch_default) -> No
     bundle, _ = torch_default
     assert onnx_export["fp32"]["max_abs_diff"] < 1e-4
     runner = OnnxPredictor(onnx_export["fp32"]["file"], device="cpu", num_threads=1)
-    batch = load_batch(PHOTOS, bundle["preprocessing"])
+    batch = load_batch(PHOTOS, bundle.preprocessing)
     reference = torch_probs(torch_default, batch)
     assert (runner.infer(batch) - reference).abs().max() < 1e-4
     # the batch axis is dynamic: one image alone gives the same answer as inside the batch of five
@@ -82,16 +83,18 @@ def test_onnx_file_is_one_checked_file_with_metadata(onnx_export: dict, torch_de
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch dimension
     meta = read_onnx_metadata(path)
-    assert meta["class_names"] == bundle["class_names"]
-    assert meta["preprocessing"] == bundle["preprocessing"]
-    assert meta["arch"] == bundle["arch"]
-    assert meta["temperature"] == bundle.get("temperature", 1.0)
+    assert meta.class_names == bundle.class_names
+    assert meta.preprocessing == bundle.preprocessing
+    assert (meta.arch, meta.arch_kwargs) == (bundle.arch, bundle.arch_kwargs)
+    assert meta.temperature == bundle.temperature
     raw = {p.key: p.value for p in proto.metadata_props}
-    assert json.loads(raw["class_names"]) == bundle["class_names"]
+    assert json.loads(raw["class_names"]) == list(bundle.class_names)
+    assert json.loads(raw["preprocessing"]) == bundle.preprocessing.to_dict()
+    assert json.loads(raw["arch"]) == {"name": bundle.arch, "kwargs": bundle.arch_kwargs}
     # a reader builds the very same eval transform from the file alone
     img = _open(photo("coffee.png"))
-    from_file = build_eval_transform(meta["preprocessing"])(img)
-    assert torch.equal(from_file, build_eval_transform(bundle["preprocessing"])(img))
+    from_file = build_eval_transform(meta.preprocessing)(img)
+    assert torch.equal(from_file, build_eval_transform(bundle.preprocessing)(img))
 
 
 def test_onnx_without_metadata_is_refused(onnx_export: dict, tmp_path: Path) -> None:
@@ -108,10 +111,10 @@ def test_int8_dynamic_keeps_top1_on_chelsea_and_coffee(onnx_export: dict, torch_
     assert onnx_export["int8"]["mode"] == "dynamic"
     int8 = OnnxPredictor(onnx_export["int8"]["file"], device="cpu")
     fp32 = OnnxPredictor(onnx_export["fp32"]["file"], device="cpu")
-    batch = load_batch([photo("chelsea.png"), photo("coffee.png")], bundle["preprocessing"])
+    batch = load_batch([photo("chelsea.png"), photo("coffee.png")], bundle.preprocessing)
     assert torch.equal(int8.infer(batch).argmax(1), fp32.infer(batch).argmax(1))
     assert Path(onnx_export["int8"]["file"]).stat().st_size < Path(onnx_export["fp32"]["file"]).stat().st_size / 2
-    assert int8.class_names == bundle["class_names"]
+    assert int8.class_names == list(bundle.class_names)
 
 
 def test_opset_11_export_of_the_default_model(default_bundle: Path, tmp_path: Path) -> None:
@@ -130,8 +133,8 @@ def test_torchscript_parity_and_metadata(default_bundle: Path, torch_default, tm
     )
     assert report["fp32"]["max_abs_diff"] < 1e-4
     module, meta = load_torchscript(out)
-    assert meta["class_names"] == bundle["class_names"] and meta["preprocessing"] == bundle["preprocessing"]
-    batch = load_batch(PHOTOS[:3], bundle["preprocessing"])
+    assert meta.class_names == bundle.class_names and meta.preprocessing == bundle.preprocessing
+    batch = load_batch(PHOTOS[:3], bundle.preprocessing)
     with torch.inference_mode():
         assert (torch.softmax(module(batch), 1) - torch_probs(torch_default, batch)).abs().max() < 1e-4
 
@@ -139,7 +142,7 @@ def test_torchscript_parity_and_metadata(default_bundle: Path, torch_default, tm
 def test_static_int8_with_calibration_and_eval_folder(tmp_path: Path) -> None:
     """A small simple_cnn bundle whose classes are folders of real photos: static int8 and its accuracy delta."""
     classes = ["cat", "coffee", "rocket"]
-    prep = make_preprocessing(resize=72, crop=64, mean=[0.5] * 3, std=[0.25] * 3)
+    prep = Preprocessing(resize=72, crop=64, mean=[0.5] * 3, std=[0.25] * 3)
     torch.manual_seed(0)
     net = build_model("simple_cnn", num_classes=3, width=8, stages=2)
     bundle_path = tmp_path / "small.pth"

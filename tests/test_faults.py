@@ -21,7 +21,7 @@ import torch
 from conftest import tiny_bundle
 from helpers import CAT_LABELS, GunicornServer, top_label, worker_pids
 
-from model.bundle import load_bundle, read_bundle
+from model.bundle import Bundle, load_bundle, read_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,12 +159,12 @@ def _bad_bundles(folder: Path, default_bundle: Path) -> dict[str, tuple[Path, st
     torch.save({"weights": torch.zeros(3)}, d / "a_weights.pth")
     made["not_a_bundle"] = (d, "a_weights.pth: not a model bundle")
     d = folder_for("pickle")
-    bundle = read_bundle(default_bundle)
+    bundle = read_bundle(default_bundle).to_dict()
     bundle["training"] = {"note": _RunsCode(folder / "pwned")}
     torch.save(bundle, d / "a_evil.pth")
     made["pickle"] = (d, "a_evil.pth: refused: it holds pickled Python objects")
     d = folder_for("mismatch")
-    tiny = read_bundle(tiny_bundle(folder / "tiny.pth", ["a", "b", "c"]))
+    tiny = read_bundle(tiny_bundle(folder / "tiny.pth", ["a", "b", "c"])).to_dict()
     tiny["class_names"] = ["a", "b", "c", "d", "e"]
     torch.save(tiny, d / "a_mismatch.pth")
     made["mismatch"] = (d, "a_mismatch.pth: class count mismatch: 5 class names but the head")
@@ -225,17 +225,17 @@ def run_training(args: list[str], kill: str | None = None) -> subprocess.Complet
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(train_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def uninterrupted(train_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     out = tmp_path_factory.mktemp("uninterrupted")
     done = run_training(train_args(train_data, out))
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     return read_bundle(out / "last.pth")
 
 
-def _assert_same_weights(a: dict, b: dict) -> None:
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), key
+def _assert_same_weights(a: Bundle, b: Bundle) -> None:
+    assert a.state_dict.keys() == b.state_dict.keys()
+    for key, value in a.state_dict.items():
+        assert torch.equal(value, b.state_dict[key]), key
 
 
 @pytest.mark.parametrize(
@@ -243,15 +243,16 @@ def _assert_same_weights(a: dict, b: dict) -> None:
     [("epoch:2:2", False), ("write:last.pth:2", True)],
     ids=["during-epoch-2", "during-last.pth-write-of-epoch-2"],
 )
-def test_training_killed_then_resumed(train_data: Path, tmp_path: Path, uninterrupted: dict, kill, leftover) -> None:
+def test_training_killed_then_resumed(train_data: Path, tmp_path: Path, uninterrupted: Bundle, kill, leftover) -> None:
     out = tmp_path / "run"
     killed = run_training(train_args(train_data, out), kill=kill)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-3000:]
     # what the crash left: epoch 1's checkpoints, loadable; the half-written file only as a temporary
     last, _ = load_bundle(out / "last.pth")
-    assert last["training"]["epoch"] == 1 and last["resume"]["epoch"] == 1
+    assert last.training["epoch"] == 1
+    assert torch.load(out / "last.pth", weights_only=True)["resume"]["epoch"] == 1
     best, _ = load_bundle(out / "best.pth")
-    assert best["training"]["epoch"] in (1, 2)
+    assert best.training["epoch"] in (1, 2)
     temporaries = list(out.glob(".last.pth.*.tmp"))
     assert bool(temporaries) == leftover, temporaries
     if leftover:
@@ -259,9 +260,9 @@ def test_training_killed_then_resumed(train_data: Path, tmp_path: Path, uninterr
     resumed = run_training([*train_args(train_data, out), "--resume", str(out / "last.pth")])
     assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
     final = read_bundle(out / "last.pth")
-    assert final["training"]["epoch"] == 3
+    assert final.training["epoch"] == 3
     _assert_same_weights(uninterrupted, final)
-    assert [h["val_loss"] for h in final["training"]["history"]] == [
-        h["val_loss"] for h in uninterrupted["training"]["history"]
+    assert [h["val_loss"] for h in final.training["history"]] == [
+        h["val_loss"] for h in uninterrupted.training["history"]
     ]
     load_bundle(out / "best.pth")

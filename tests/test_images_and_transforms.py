@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -9,10 +10,11 @@ import torch
 from PIL import Image
 
 from model.images import ImageDecodeError, decode_image
+from model.preprocessing import Preprocessing
 from model.transforms import TrainAugment, build_eval_transform, build_train_transform, to_model_mode
 
-PREP = {"resize": 36, "crop": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear",
-        "channels": 3}  # fmt: skip
+PREP = Preprocessing(resize=36, crop=32, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], interpolation="bilinear",
+                     channels=3)  # fmt: skip
 
 
 def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -108,7 +110,7 @@ def test_eval_transform_follows_the_bundle(photos) -> None:
     x = build_eval_transform(PREP)(Image.open(photos["coffee"]))
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     assert x.min() >= (0 - 0.5) / 0.25 - 1e-6 and x.max() <= (1 - 0.5) / 0.25 + 1e-6
-    grey = build_eval_transform({**PREP, "channels": 1, "mean": [0.5], "std": [0.25]})
+    grey = build_eval_transform(dataclasses.replace(PREP, channels=1, mean=[0.5], std=[0.25]))
     assert grey(Image.open(photos["coffee"])).shape == (1, 32, 32)
 
 
@@ -120,7 +122,7 @@ def test_train_transform_shapes(photos, policy: str) -> None:
 
 
 def test_small_images_use_padded_random_crop() -> None:
-    prep = {**PREP, "resize": 28, "crop": 28, "channels": 1, "mean": [0.3], "std": [0.35]}
+    prep = dataclasses.replace(PREP, resize=28, crop=28, channels=1, mean=[0.3], std=[0.35])
     aug = TrainAugment()
     assert aug.resolved_crop(prep) == "pad"
     assert build_train_transform(prep, aug)(Image.new("L", (28, 28))).shape == (1, 28, 28)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -57,8 +59,7 @@ def test_temperature_changes_scores_not_ranking(tmp_path) -> None:
     bundle = read_bundle(path)
     img = [Image.new("RGB", (32, 32), (10, 200, 30))]
     plain = Predictor(bundle, device="cpu").predict(img, top_k=4)[0]
-    bundle["temperature"] = 3.0
-    soft = Predictor(bundle, device="cpu").predict(img, top_k=4)[0]
+    soft = Predictor(dataclasses.replace(bundle, temperature=3.0), device="cpu").predict(img, top_k=4)[0]
     assert [p["label"] for p in plain] == [p["label"] for p in soft]
     assert soft[0]["score"] < plain[0]["score"]
 

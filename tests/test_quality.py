@@ -18,6 +18,7 @@ from PIL import Image
 from model import prune, sparsity
 from model.bundle import load_bundle, read_bundle
 from model.predictor import Predictor
+from model.preprocessing import Preprocessing
 from tests.conftest import ROOT
 from training import compare, evaluate, train, tune
 from training.calibration import expected_calibration_error, fit_temperature
@@ -125,8 +126,8 @@ def test_distillation_loss_terms() -> None:
 
 
 def test_adapt_batch_converts_grey_student_input_to_a_colour_teacher() -> None:
-    grey = {"channels": 1, "crop": 28, "mean": [0.3], "std": [0.35], "interpolation": "bilinear"}
-    colour = {"channels": 3, "crop": 56, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear"}
+    grey = Preprocessing(resize=28, crop=28, mean=[0.3], std=[0.35], interpolation="bilinear", channels=1)
+    colour = Preprocessing(resize=56, crop=56, mean=[0.5] * 3, std=[0.5] * 3, interpolation="bilinear", channels=3)
     pixels = torch.rand(2, 1, 28, 28)
     x = (pixels - 0.3) / 0.35
     y = adapt_batch(x, grey, colour)
@@ -138,7 +139,7 @@ def test_adapt_batch_converts_grey_student_input_to_a_colour_teacher() -> None:
 def test_teacher_runs_in_the_students_autocast_type(fashion_subset: Path, trained: Path) -> None:
     """With ``--amp on`` the teacher's forward pass is bfloat16 too (cheaper), and its logits stay close."""
     bundle = read_bundle(trained)
-    prep = bundle["preprocessing"]
+    prep = bundle.preprocessing
     images = torch.randn(8, 1, 28, 28)
     full = Teacher.from_file(trained, _classes(fashion_subset), prep, torch.device("cpu")).logits(images)
     half = Teacher.from_file(
@@ -159,7 +160,7 @@ def test_distilled_student_learns_from_the_teacher(
 
     def student(name: str, *extra: str) -> dict[str, torch.Tensor]:
         run_train(*common, "--out", str(tmp_path / name), *extra)
-        return read_bundle(tmp_path / name / "last.pth")["state_dict"]
+        return read_bundle(tmp_path / name / "last.pth").state_dict
 
     plain = student("plain")
     by_trained = student("a", "--distill-from", str(trained), "--distill-alpha", "0.9")
@@ -183,11 +184,11 @@ def test_prune_zeroes_weights_and_fine_tuning_keeps_them_zero(
     report = prune.main(prune.get_args_parser().parse_args(["--bundle", str(trained), "--amount", "0.3",
                                                             "--out", str(pruned)]))  # fmt: skip
     bundle, model = load_bundle(pruned)  # a plain bundle: no weight_orig / weight_mask
-    assert not any(k.endswith(("_orig", "_mask")) for k in bundle["state_dict"])
-    convs = {k: v for k, v in bundle["state_dict"].items() if k.endswith(".weight") and v.ndim == 4}
+    assert not any(k.endswith(("_orig", "_mask")) for k in bundle.state_dict)
+    convs = {k: v for k, v in bundle.state_dict.items() if k.endswith(".weight") and v.ndim == 4}
     for name, w in convs.items():
         assert (w == 0).sum() == round(0.3 * w.numel()), name
-    assert not (bundle["state_dict"]["head.weight"] == 0).any(), "the head must stay whole"
+    assert not (bundle.state_dict["head.weight"] == 0).any(), "the head must stay whole"
     assert report["after"]["prunable_sparsity"] > 0.25 > report["before"]["prunable_sparsity"]
     assert report["after"]["gzip_bytes"] < report["before"]["gzip_bytes"]
     assert json.loads(pruned.with_suffix(".json").read_text())["amount"] == 0.3
@@ -195,20 +196,20 @@ def test_prune_zeroes_weights_and_fine_tuning_keeps_them_zero(
     common = ["--data", str(fashion_subset), "--init-from", str(pruned), *FAST]
     run_train(*common, "--keep-zeros", "--out", str(tmp_path / "ft"))
     tuned = read_bundle(tmp_path / "ft" / "best.pth")
-    assert tuned["arch"]["kwargs"] == bundle["arch"]["kwargs"] and tuned["preprocessing"] == bundle["preprocessing"]
+    assert tuned.arch_kwargs == bundle.arch_kwargs and tuned.preprocessing == bundle.preprocessing
     for name, w in convs.items():
-        after = tuned["state_dict"][name]
+        after = tuned.state_dict[name]
         assert torch.equal(after[w == 0], torch.zeros_like(after[w == 0])), f"{name}: zeros came back"
         assert not torch.equal(after, w), f"{name} did not train"
     run_train(*common, "--out", str(tmp_path / "ft-free"))
-    free = read_bundle(tmp_path / "ft-free" / "best.pth")["state_dict"]
+    free = read_bundle(tmp_path / "ft-free" / "best.pth").state_dict
     assert any((free[n][w == 0] != 0).any() for n, w in convs.items()), "without --keep-zeros zeros move"
     assert sparsity.describe(tmp_path / "ft" / "best.pth")["prunable_sparsity"] > 0.25
 
 
 def test_structured_pruning_zeroes_whole_filters(trained: Path, tmp_path: Path) -> None:
     prune.prune_bundle(trained, tmp_path / "s.pth", 0.5, structured=True)
-    state = read_bundle(tmp_path / "s.pth")["state_dict"]
+    state = read_bundle(tmp_path / "s.pth").state_dict
     for name, w in state.items():
         if name.endswith(".weight") and w.ndim == 4:
             dead = (w.flatten(1) == 0).all(dim=1)
@@ -242,9 +243,9 @@ def test_calibrate_stores_a_temperature_that_changes_scores_not_ranking(
         ["--bundle", str(bundle_path), "--data", str(fashion_subset), "--calibrate",
          "--out", str(tmp_path / "after")]))  # fmt: skip
     calibrated = read_bundle(bundle_path)
-    t = calibrated["temperature"]
+    t = calibrated.temperature
     assert t > 0 and t != 1.0
-    info = calibrated["training"]["calibration"]
+    info = calibrated.training["calibration"]
     assert info["temperature"] == pytest.approx(t, rel=1e-5) and info["val_ece_after"] >= 0
     assert info["val_nll_after"] <= info["val_nll_before"] + 1e-9  # the fit minimises validation NLL
     for m in (before, after):

@@ -82,9 +82,9 @@ def test_offline_efficientnet_lite_weights_load() -> None:
 
 
 def test_pretrained_preprocessing() -> None:
-    assert pretrained_preprocessing("resnet18")["crop"] == 224
-    assert pretrained_preprocessing("efficientnet_lite1")["crop"] == 240
-    assert pretrained_preprocessing("efficientnet_lite0")["mean"] == [0.5, 0.5, 0.5]
+    assert pretrained_preprocessing("resnet18").crop == 224
+    assert pretrained_preprocessing("efficientnet_lite1").crop == 240
+    assert pretrained_preprocessing("efficientnet_lite0").mean == (0.5, 0.5, 0.5)
     assert pretrained_preprocessing("simple_cnn") is None
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.bundle import load_bundle, read_bundle
+from model.bundle import Bundle, load_bundle, read_bundle
 from tests.conftest import ROOT
 from training import evaluate, flags, predict, prepare_fashion_mnist, recipes, train
 from training.config import TrainConfig, autocast_dtype
@@ -26,15 +26,15 @@ def run_train(*argv: str) -> dict:
     return train.main(recipes.parse_args(train.get_args_parser(), list(argv)))
 
 
-def _check_run(out: Path, classes: list[str]) -> dict:
+def _check_run(out: Path, classes: list[str]) -> Bundle:
     for name in ("best.pth", "last.pth", "history.json", "args.json", "curves.png", "eval/metrics.json",
                  "eval/confusion.png", "eval/confusion.json"):  # fmt: skip
         assert (out / name).is_file(), f"{name} missing"
     assert list((out / "tb").glob("events.out.tfevents.*")), "no TensorBoard events"
     bundle, model = load_bundle(out / "best.pth")
-    assert bundle["class_names"] == classes
-    assert bundle["training"]["metrics"]["val_top1"] >= 0
-    assert json.loads((out / "args.json").read_text())["preprocessing"] == bundle["preprocessing"]
+    assert list(bundle.class_names) == classes
+    assert bundle.training["metrics"]["val_top1"] >= 0
+    assert json.loads((out / "args.json").read_text())["preprocessing"] == bundle.preprocessing.to_dict()
     return bundle
 
 
@@ -58,11 +58,11 @@ def test_train_split_folders_scratch(fashion_subset: Path, tmp_path: Path) -> No
     out = tmp_path / "run"
     result = run_train("--data", str(fashion_subset), "--out", str(out), *FAST)
     bundle = _check_run(out, sorted(prepare_fashion_mnist.CLASS_NAMES))
-    prep = bundle["preprocessing"]
-    assert (prep["channels"], prep["crop"], prep["resize"]) == (1, 28, 28)  # grey 28 px data detected
-    assert 0.2 < prep["mean"][0] < 0.4
+    prep = bundle.preprocessing
+    assert (prep.channels, prep.crop, prep.resize) == (1, 28, 28)  # grey 28 px data detected
+    assert 0.2 < prep.mean[0] < 0.4
     assert result["eval"]["split"] == "test" and result["eval"]["samples"] == 200
-    assert bundle["training"]["data"]["layout"] == "split-folders"
+    assert bundle.training["data"]["layout"] == "split-folders"
 
 
 def test_train_imagefolder_with_stratified_split(two_class_images, tmp_path: Path) -> None:
@@ -75,7 +75,7 @@ def test_train_imagefolder_with_stratified_split(two_class_images, tmp_path: Pat
     run_train("--data", str(data), "--out", str(out), "--val-split", "0.2", "--test-split", "0.2",
               "--balance", "--opt", "adamw", "--sched", "step", "--ema-decay", "0.9", *FAST)  # fmt: skip
     bundle = _check_run(out, ["Bag", "Trouser"])
-    assert bundle["training"]["data"] == {**bundle["training"]["data"], "train": 48, "val": 16, "test": 16}
+    assert bundle.training["data"] == {**bundle.training["data"], "train": 48, "val": 16, "test": 16}
 
 
 def test_train_kaggle_flat_layout(two_class_images, tmp_path: Path) -> None:
@@ -88,7 +88,7 @@ def test_train_kaggle_flat_layout(two_class_images, tmp_path: Path) -> None:
     run_train("--data", str(data.parent), "--out", str(out), "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0",
               "--sched", "plateau", "--clip-grad", "5", *FAST)  # fmt: skip
     bundle = _check_run(out, ["cat", "dog"])
-    assert bundle["training"]["data"]["layout"] == "flat-splits"
+    assert bundle.training["data"]["layout"] == "flat-splits"
 
 
 def test_transfer_learning_from_offline_imagenet_weights(two_class_images, tmp_path: Path) -> None:
@@ -101,11 +101,11 @@ def test_transfer_learning_from_offline_imagenet_weights(two_class_images, tmp_p
     run_train("--data", str(data), "--out", str(out), "--arch", "efficientnet_lite0", "--img-size", "64",
               "--freeze-backbone", "--auto-augment", "trivialaugment", *FAST)  # fmt: skip
     bundle = _check_run(out, ["Bag", "Trouser"])
-    assert bundle["preprocessing"]["channels"] == 3 and bundle["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    assert bundle.preprocessing.channels == 3 and bundle.preprocessing.mean == (0.5, 0.5, 0.5)
     from model.registry import build_model
 
     imagenet = build_model("efficientnet_lite0", num_classes=2, pretrained="imagenet", image_size=64).state_dict()
-    trained = bundle["state_dict"]
+    trained = bundle.state_dict
     assert torch.equal(trained["_conv_stem.weight"], imagenet["_conv_stem.weight"]), "backbone moved"
     assert torch.equal(trained["_bn0.running_mean"], imagenet["_bn0.running_mean"]), "frozen BN stats drifted"
     assert not torch.equal(trained["_fc.weight"], imagenet["_fc.weight"]), "head did not train"
@@ -128,9 +128,9 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(
     run_train(*common, "--out", str(tmp_path / "cut"), "--resume", str(tmp_path / "cut" / "last.pth"))
     full = read_bundle(tmp_path / "full" / "last.pth")
     resumed = read_bundle(tmp_path / "cut" / "last.pth")
-    assert full["state_dict"].keys() == resumed["state_dict"].keys()
-    for key, value in full["state_dict"].items():
-        assert torch.equal(value, resumed["state_dict"][key]), key
+    assert full.state_dict.keys() == resumed.state_dict.keys()
+    for key, value in full.state_dict.items():
+        assert torch.equal(value, resumed.state_dict[key]), key
     h_full = json.loads((tmp_path / "full" / "history.json").read_text())
     h_cut = json.loads((tmp_path / "cut" / "history.json").read_text())
     assert [h["val_loss"] for h in h_full] == [h["val_loss"] for h in h_cut]
@@ -238,7 +238,7 @@ def test_bfloat16_training_on_cpu(fashion_subset: Path, tmp_path: Path, monkeypa
     out = tmp_path / "run"
     run_train("--data", str(fashion_subset), "--out", str(out), *FAST, "--amp", "on")
     assert dtypes == {torch.bfloat16, torch.float32}
-    weights = read_bundle(out / "best.pth")["state_dict"]
+    weights = read_bundle(out / "best.pth").state_dict
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("off", cuda) is None
@@ -353,6 +353,6 @@ def test_the_saved_config_is_what_ran(fashion_subset: Path, tmp_path: Path) -> N
     assert [h["lr"] for h in result["history"]] == [config.lr]
     assert torch.get_num_threads() == config.threads
     bundle = _check_run(out, sorted(prepare_fashion_mnist.CLASS_NAMES))
-    assert bundle["arch"] == {"name": config.arch, "kwargs": config.arch_kwargs}
-    assert bundle["preprocessing"] == config.preprocessing
-    assert bundle["training"]["args"] == config.options() and bundle["training"]["args"]["config"] == str(recipe)
+    assert (bundle.arch, bundle.arch_kwargs) == (config.arch, config.arch_kwargs)
+    assert bundle.preprocessing == config.preprocessing
+    assert bundle.training["args"] == config.options() and bundle.training["args"]["config"] == str(recipe)

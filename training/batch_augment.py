@@ -11,7 +11,7 @@ parameters from kornia, in a few milliseconds, on the CPU or the GPU that trains
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,13 +19,14 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from model.preprocessing import Preprocessing
 from model.transforms import TrainAugment, build_eval_geometry, build_normalize
 from training.data import Sample, load_image
 
 logger = logging.getLogger(__name__)
 
 
-def batch_augment_problem(prep: Mapping[str, Any], aug: TrainAugment) -> str | None:
+def batch_augment_problem(prep: Preprocessing, aug: TrainAugment) -> str | None:
     """Why ``--batch-aug`` cannot reproduce these augmentations, or None when it can."""
     crop = aug.resolved_crop(prep)
     if crop not in ("pad", "center"):
@@ -38,7 +39,7 @@ def batch_augment_problem(prep: Mapping[str, Any], aug: TrainAugment) -> str | N
 class TensorImageDataset(Dataset):
     """Images decoded once through the eval geometry into one uint8 tensor (N, C, crop, crop)."""
 
-    def __init__(self, samples: Sequence[Sample], prep: Mapping[str, Any]) -> None:
+    def __init__(self, samples: Sequence[Sample], prep: Preprocessing) -> None:
         geometry = build_eval_geometry(prep)
         self.images = torch.stack([v2.functional.pil_to_tensor(geometry(load_image(p))) for p, _ in samples])
         self.labels = torch.tensor([label for _, label in samples], dtype=torch.long)
@@ -59,7 +60,7 @@ class TensorImageDataset(Dataset):
 class BatchAugment(nn.Module):
     """uint8 batch -> augmented, normalised float batch: the same steps as the per-image train transform."""
 
-    def __init__(self, prep: Mapping[str, Any], aug: TrainAugment, channels_last: bool = False) -> None:
+    def __init__(self, prep: Preprocessing, aug: TrainAugment, channels_last: bool = False) -> None:
         super().__init__()
         # Imported here: kornia is a training dependency, and serving imports model/ but never this module.
         import kornia.augmentation as K  # noqa: N812 - kornia's own alias
@@ -67,7 +68,7 @@ class BatchAugment(nn.Module):
         problem = batch_augment_problem(prep, aug)
         if problem:
             raise ValueError(f"--batch-aug: {problem}")
-        size = (prep["crop"], prep["crop"])
+        size = (prep.crop, prep.crop)
         to_float, normalize = build_normalize(prep).transforms
         steps: list[nn.Module] = [to_float]
         if aug.resolved_crop(prep) == "pad" and aug.pad > 0:

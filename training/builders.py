@@ -41,7 +41,7 @@ def build_network(config: TrainConfig, num_classes: int, device: torch.device, r
         num_classes=num_classes,
         pretrained=config.pretrained if resume is None else "none",
         weights_file=config.weights_file if resume is None else None,
-        in_channels=config.preprocessing["channels"],
+        in_channels=config.preprocessing.channels,
         **config.arch_kwargs,
     )
     if config.freeze_backbone:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from model.bundle import atomic_torch_save, library_versions, make_bundle, now_iso
+from model.preprocessing import Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class CheckpointWriter:
         arch: str,
         arch_kwargs: dict[str, Any],
         class_names: list[str],
-        preprocessing: dict[str, Any],
+        preprocessing: Preprocessing,
         record: dict[str, Any],
     ) -> None:
         self.out = out
@@ -117,11 +118,9 @@ class CheckpointWriter:
             },  # fmt: skip
         )
         if improved:
-            atomic_torch_save(bundle, self.best)
-        bundle["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        bundle["resume"] = {
-            **optimisation.state_dict(),
-            **progress.resume_state(),
-            "rng": {"torch": torch.get_rng_state()},
-        }
-        atomic_torch_save(bundle, self.last)
+            atomic_torch_save(bundle.to_dict(), self.best)
+        last = bundle.to_dict()  # the raw weights (not the EMA's) and what --resume needs
+        last["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        rng = {"torch": torch.get_rng_state()}
+        last["resume"] = {**optimisation.state_dict(), **progress.resume_state(), "rng": rng}
+        atomic_torch_save(last, self.last)

@@ -82,7 +82,7 @@ def run_one(arch: str, args: argparse.Namespace, shared: dict[str, Any], splits:
     result = run_training(TrainConfig.from_options({**given, **shared}, splits), splits)
     wall = time.perf_counter() - started
     bundle_path = out / "best.pth"
-    state = read_bundle(bundle_path)["state_dict"]
+    state = read_bundle(bundle_path).state_dict
     params = sum(v.numel() for k, v in state.items() if v.is_floating_point() and "running_" not in k)
     return {
         "arch": arch,

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from model.bundle import make_preprocessing, plain, read_bundle
+from model.bundle import plain, read_bundle
 from model.predictor import available_cpus, resolve_device
+from model.preprocessing import Preprocessing
 from model.registry import pretrained_preprocessing
 from model.transforms import TrainAugment
 from training import flags
@@ -98,7 +99,7 @@ class TrainConfig:
     # implied
     world_size: int
     amp_dtype: str | None
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     data_layout: str
 
     @classmethod
@@ -133,10 +134,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         """A config saved by ``to_dict`` (args.json), as it was."""
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        values = {f.name: d[f.name] for f in dataclasses.fields(cls)}
+        return cls(**{**values, "preprocessing": Preprocessing.from_dict(values["preprocessing"])})
 
     def to_dict(self) -> dict[str, Any]:
-        return plain(dataclasses.asdict(self))
+        return plain({**dataclasses.asdict(self), "preprocessing": self.preprocessing.to_dict()})
 
     def options(self) -> dict[str, Any]:
         """The flags' values as this run resolved them (bundles keep these as their training record)."""
@@ -177,37 +179,37 @@ def model_source(o: Mapping[str, Any]) -> dict[str, Any]:
         return source
     if o["weights_file"]:
         raise SystemExit("--init-from cannot be combined with --weights-file")
-    arch = read_bundle(o["init_from"])["arch"]
-    if o["arch"] != arch["name"]:
-        logger.info("--init-from %s: architecture %s", o["init_from"], arch["name"])
-    kwargs = {k: v for k, v in arch["kwargs"].items() if k != "in_channels"}
+    bundle = read_bundle(o["init_from"])
+    if o["arch"] != bundle.arch:
+        logger.info("--init-from %s: architecture %s", o["init_from"], bundle.arch)
+    kwargs = {k: v for k, v in bundle.arch_kwargs.items() if k != "in_channels"}
     # resuming, the weights come from last.pth
     weights = None if o["resume"] else o["init_from"]
-    return {"arch": arch["name"], "arch_kwargs": kwargs, "pretrained": "none", "weights_file": weights}
+    return {"arch": bundle.arch, "arch_kwargs": kwargs, "pretrained": "none", "weights_file": weights}
 
 
-def resolve_preprocessing(o: Mapping[str, Any], splits: Splits) -> dict[str, Any]:
+def resolve_preprocessing(o: Mapping[str, Any], splits: Splits) -> Preprocessing:
     """The eval preprocessing stored in the bundle: the resumed run's, the ``--init-from`` bundle's, or new."""
     if o["resume"]:
         state = read_resume(o["resume"])
         if state["class_names"] != splits.class_names:
             raise SystemExit(f"{o['resume']}: its classes differ from those found in {o['data']}")
-        return state["preprocessing"]
+        return Preprocessing.from_dict(state["preprocessing"])
     if o["init_from"]:
-        return dict(read_bundle(o["init_from"])["preprocessing"])
+        return read_bundle(o["init_from"]).preprocessing
     return new_preprocessing(o, splits)
 
 
-def new_preprocessing(o: Mapping[str, Any], splits: Splits) -> dict[str, Any]:
+def new_preprocessing(o: Mapping[str, Any], splits: Splits) -> Preprocessing:
     """From the flags, the pretrained weights' own preprocessing, and the training images' statistics."""
     pretrained = o["pretrained"] != "none" or bool(o["weights_file"])
     native = pretrained_preprocessing(o["arch"])
     stats = image_statistics(splits.train, channels=o["channels"], seed=o["seed"])
     if native is not None and (pretrained or o["arch"] != "simple_cnn"):
-        crop = o["img_size"] or native["crop"]
+        crop = o["img_size"] or native.crop
         channels = 3
-        mean, std = native["mean"], native["std"]
-        interpolation = native["interpolation"]
+        mean, std = native.mean, native.std
+        interpolation = native.interpolation
         if not pretrained:
             mean, std = _colour_stats(stats)
     else:
@@ -218,18 +220,16 @@ def new_preprocessing(o: Mapping[str, Any], splits: Splits) -> dict[str, Any]:
             mean, std = [sum(mean) / 3], [sum(std) / 3]
         interpolation = "bilinear"
     resize = o["resize"] or (crop if crop < 64 else int(round(crop / 0.875)))
-    return make_preprocessing(
-        resize=resize, crop=crop, mean=mean, std=std, interpolation=interpolation, channels=channels
-    )
+    return Preprocessing(resize=resize, crop=crop, mean=mean, std=std, interpolation=interpolation, channels=channels)
 
 
-def input_options(o: Mapping[str, Any], prep: Mapping[str, Any]) -> dict[str, Any]:
+def input_options(o: Mapping[str, Any], prep: Preprocessing) -> dict[str, Any]:
     """The flags about the network's input, as the preprocessing settled them."""
     return {
-        "arch_kwargs": _with_image_size(o["arch"], o["arch_kwargs"], prep["crop"]),
-        "img_size": prep["crop"],
-        "resize": prep["resize"],
-        "channels": prep["channels"],
+        "arch_kwargs": _with_image_size(o["arch"], o["arch_kwargs"], prep.crop),
+        "img_size": prep.crop,
+        "resize": prep.resize,
+        "channels": prep.channels,
         "crop": TrainAugment(crop=o["crop"]).resolved_crop(prep),
     }
 

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the usual alias
 
-from model.bundle import load_bundle
+from model.bundle import Bundle, load_bundle
+from model.preprocessing import Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -34,24 +35,23 @@ BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]
 LUMA = (0.299, 0.587, 0.114)
 
 
-def adapt_batch(x: torch.Tensor, source: Mapping[str, Any], target: Mapping[str, Any]) -> torch.Tensor:
+def adapt_batch(x: torch.Tensor, source: Preprocessing, target: Preprocessing) -> torch.Tensor:
     """A batch normalised for ``source`` preprocessing, re-expressed for ``target`` preprocessing."""
-    keys = ("channels", "crop", "mean", "std")
-    if all(source[k] == target[k] for k in keys):
+    if _same_input(source, target):
         return x
-    mean = torch.tensor(source["mean"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(source["std"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    mean = torch.tensor(source.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(source.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     x = x * std + mean
-    if source["channels"] == 1 and target["channels"] == 3:
+    if source.channels == 1 and target.channels == 3:
         x = x.expand(-1, 3, -1, -1)
-    elif source["channels"] == 3 and target["channels"] == 1:
+    elif source.channels == 3 and target.channels == 1:
         luma = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         x = (x * luma).sum(1, keepdim=True)
-    if x.shape[-1] != target["crop"] or x.shape[-2] != target["crop"]:
-        mode = "bicubic" if target.get("interpolation") == "bicubic" else "bilinear"
-        x = F.interpolate(x, size=(target["crop"], target["crop"]), mode=mode, align_corners=False, antialias=True)
-    mean = torch.tensor(target["mean"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(target["std"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    if x.shape[-1] != target.crop or x.shape[-2] != target.crop:
+        mode = "bicubic" if target.interpolation == "bicubic" else "bilinear"
+        x = F.interpolate(x, size=(target.crop, target.crop), mode=mode, align_corners=False, antialias=True)
+    mean = torch.tensor(target.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(target.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
 
 
@@ -60,9 +60,9 @@ class Teacher:
 
     def __init__(
         self,
-        bundle: Mapping[str, Any],
+        bundle: Bundle,
         model: nn.Module,
-        student_prep: Mapping[str, Any],
+        student_prep: Preprocessing,
         device: torch.device,
         *,
         amp_dtype: torch.dtype | None = None,
@@ -75,26 +75,26 @@ class Teacher:
         self.amp_dtype = amp_dtype  # the student's autocast type: the teacher costs as little as it does
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.student_prep = dict(student_prep)
-        self.teacher_prep = dict(bundle["preprocessing"])
+        self.student_prep = student_prep
+        self.teacher_prep = bundle.preprocessing
 
     @classmethod
     def from_file(
         cls,
         path: str | os.PathLike[str],
         class_names: list[str],
-        student_prep: Mapping[str, Any],
+        student_prep: Preprocessing,
         device: torch.device,
         **options: Any,
     ) -> Teacher:
         bundle, model = load_bundle(path)
-        if list(bundle["class_names"]) != list(class_names):
-            raise SystemExit(f"{path}: the teacher's classes {bundle['class_names']} differ from the data's")
+        if list(bundle.class_names) != list(class_names):
+            raise SystemExit(f"{path}: the teacher's classes {list(bundle.class_names)} differ from the data's")
         logger.info(
             "distilling from %s (%s, preprocessing %s)",
             path,
-            bundle["arch"]["name"],
-            "the student's" if _same_input(bundle["preprocessing"], student_prep) else "converted on the fly",
+            bundle.arch,
+            "the student's" if _same_input(bundle.preprocessing, student_prep) else "converted on the fly",
         )
         return cls(bundle, model, student_prep, device, **options)
 
@@ -115,8 +115,8 @@ class Teacher:
         return transform
 
 
-def _same_input(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    return all(a[k] == b[k] for k in ("channels", "crop", "mean", "std"))
+def _same_input(a: Preprocessing, b: Preprocessing) -> bool:
+    return (a.channels, a.crop, a.mean, a.std) == (b.channels, b.crop, b.mean, b.std)
 
 
 class DistillationLoss(nn.Module):

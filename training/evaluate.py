@@ -15,9 +15,10 @@ stores it in the bundle (atomically), then evaluates.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from model.bundle import load_bundle, save_bundle
+from model.bundle import Bundle, load_bundle, save_bundle
 from model.predictor import configure_threads, resolve_device
 from model.transforms import build_eval_transform
 from training.calibration import ECE_BINS, calibration_report, fit_temperature
@@ -38,7 +39,7 @@ logger = logging.getLogger("training.evaluate")
 
 def write_report(
     model: nn.Module,
-    bundle: Mapping[str, Any],
+    bundle: Bundle,
     samples: Sequence[Sample],
     out: Path,
     *,
@@ -48,11 +49,11 @@ def write_report(
     split: str = "test",
 ) -> dict[str, Any]:
     """Evaluate ``samples`` (labels indexed like the bundle's classes) and write the report files."""
-    class_names = list(bundle["class_names"])
-    dataset = ImageListDataset(samples, build_eval_transform(bundle["preprocessing"]))
+    class_names = list(bundle.class_names)
+    dataset = ImageListDataset(samples, build_eval_transform(bundle.preprocessing))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     result, confusion = evaluate(model, loader, device, num_classes=len(class_names), keep_logits=True)
-    calibration = calibration_report(result.logits, result.targets, float(bundle.get("temperature", 1.0)))
+    calibration = calibration_report(result.logits, result.targets, bundle.temperature)
     per_class = per_class_metrics(confusion, class_names)
     f1s = [m["f1"] for m in per_class.values() if m["support"]]
     metrics = {
@@ -85,8 +86,8 @@ def evaluate_best(out: Path, splits: Splits, device: torch.device, *, batch_size
         model.to(device), bundle, samples, out / "eval", device=device, batch_size=batch_size, workers=workers,
         split=split,
     )  # fmt: skip
-    bundle["training"]["metrics"].update({f"{split}_top1": metrics["top1"], f"{split}_top5": metrics["top5"]})
-    save_bundle(bundle, out / "best.pth")
+    scores = {**bundle.training["metrics"], f"{split}_top1": metrics["top1"], f"{split}_top5": metrics["top5"]}
+    save_bundle(dataclasses.replace(bundle, training={**bundle.training, "metrics": scores}), out / "best.pth")
     logger.info(
         "best model on the %s split (%d images): top-1 %.4f, top-5 %.4f; report in %s",
         split,
@@ -98,16 +99,16 @@ def evaluate_best(out: Path, splits: Splits, device: torch.device, *, batch_size
     return metrics
 
 
-def validation_samples(bundle: Mapping[str, Any], data: str | Path) -> list[Sample]:
+def validation_samples(bundle: Bundle, data: str | Path) -> list[Sample]:
     """The validation split training.train used for this bundle (same fractions and seed)."""
-    recorded = (bundle.get("training") or {}).get("args") or {}
+    recorded = bundle.training.get("args") or {}
     splits = find_splits(
         data,
         val_split=float(recorded.get("val_split", 0.1)),
         test_split=float(recorded.get("test_split", 0.1)),
         seed=int(recorded.get("seed", 0)),
     )
-    if splits.class_names != list(bundle["class_names"]):
+    if splits.class_names != list(bundle.class_names):
         raise SystemExit(f"{data}: its classes {splits.class_names} differ from the bundle's")
     if not splits.val:
         raise SystemExit(f"{data}: no validation images to fit a temperature on")
@@ -116,17 +117,17 @@ def validation_samples(bundle: Mapping[str, Any], data: str | Path) -> list[Samp
 
 def calibrate(
     model: nn.Module,
-    bundle: dict[str, Any],
+    bundle: Bundle,
     samples: Sequence[Sample],
     *,
     device: torch.device,
     batch_size: int = 128,
     workers: int = 0,
-) -> dict[str, Any]:
-    """Fit the temperature on ``samples`` and set it in ``bundle`` (the caller saves it)."""
-    dataset = ImageListDataset(samples, build_eval_transform(bundle["preprocessing"]))
+) -> tuple[Bundle, dict[str, Any]]:
+    """Fit the temperature on ``samples``; returns the bundle with it (the caller saves it) and the fit's record."""
+    dataset = ImageListDataset(samples, build_eval_transform(bundle.preprocessing))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    result, _ = evaluate(model, loader, device, num_classes=len(bundle["class_names"]), keep_logits=True)
+    result, _ = evaluate(model, loader, device, num_classes=len(bundle.class_names), keep_logits=True)
     temperature = fit_temperature(result.logits, result.targets)
     before = calibration_report(result.logits, result.targets, 1.0)
     after = calibration_report(result.logits, result.targets, temperature)
@@ -139,9 +140,8 @@ def calibrate(
         "val_nll_after": after["nll"],
         "bins": ECE_BINS,
     }
-    bundle["temperature"] = temperature
-    bundle.setdefault("training", {})["calibration"] = info
-    return info
+    calibrated = dataclasses.replace(bundle, temperature=temperature, training={**bundle.training, "calibration": info})
+    return calibrated, info
 
 
 def pick_split_dir(root: Path, split: str) -> tuple[Path, str]:
@@ -188,7 +188,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     bundle, model = load_bundle(args.bundle)
     model.to(device)
     if args.calibrate:
-        info = calibrate(
+        bundle, info = calibrate(
             model,
             bundle,
             validation_samples(bundle, args.data),
@@ -206,7 +206,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             args.bundle,
         )
     folder, split = pick_split_dir(Path(args.data), args.split)
-    _, samples = scan_any(folder, bundle["class_names"])
+    _, samples = scan_any(folder, bundle.class_names)
     if not samples:
         raise SystemExit(f"{folder}: no labelled images")
     out = Path(args.out) if args.out else Path(args.bundle).parent / f"eval-{split}"

@@ -39,7 +39,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     except BundleError as exc:
         raise SystemExit(str(exc)) from None
     results: list[dict[str, Any]] = []
-    draft = predictor.preprocessing["resize"]
+    draft = predictor.preprocessing.resize
     for start in range(0, len(args.images), args.batch_size):
         chunk = args.images[start : start + args.batch_size]
         images, ok = [], []

@@ -20,8 +20,8 @@ from model.transforms import build_eval_transform
 app = Flask(__name__)
 bundle, model = load_bundle(os.environ.get("NAIVE_BUNDLE", "models/default.pth"))
 model.eval()
-transform = build_eval_transform(bundle["preprocessing"])
-class_names = bundle["class_names"]
+transform = build_eval_transform(bundle.preprocessing)
+class_names = bundle.class_names
 
 
 @app.route("/readyz")
