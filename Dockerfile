@@ -5,7 +5,7 @@
 #   docker build --build-arg TORCH_INDEX_URL= -t imgclf .     # torch from the normal index (CUDA build, larger)
 #   docker run --rm -p 8000:8000 --read-only --tmpfs /tmp imgclf
 #
-# README "Docker and Kubernetes" explains mounting your own bundles and the settings.
+# docs/deployment.md explains mounting your own bundles and the settings.
 
 # --- builder: a virtual environment with the serving requirements, and the default model bundle ---
 FROM python:3.11-slim AS builder

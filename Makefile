@@ -23,7 +23,7 @@ setup: $(STAMP) ## create .venv and install the pinned requirements (dev include
 models/default.pth: | $(STAMP)
 	$(PY) -m model.default --out $@
 
-# the ONNX export the service's default backend runs (it would otherwise export it at start, in seconds)
+# the ONNX export the service's default backend runs (made here so that the service does not make it at start)
 models/default.onnx: models/default.pth
 	$(PY) -m model.export --bundle $< --format onnx
 

@@ -1,18 +1,19 @@
 """gunicorn settings for ``gunicorn --config gunicorn.conf.py "app:create_app()"`` (what `make run` does).
 
-Choices for this project's machine (2 CPU cores, no GPU), which the Performance work tunes further:
+The choices, and why:
 - 1 worker process with 8 gthread request threads: the threads decode and preprocess uploads in
   parallel and hand their tensors to the worker's dynamic batcher, which runs one forward pass for up
   to 8 waiting images (FLASK_BATCH_MAX_SIZE). One worker means one copy of the models in memory and
   one place where batches form. The model (ONNX Runtime by default, FLASK_BACKEND) gets every CPU
   this worker may use (FLASK_TORCH_THREADS, set below to CPUs // workers, sched_getaffinity aware), so
-  workers × model threads never exceed the cores. Measured with bench/serve.py on the 2-core machine
-  (README, Performance): 1 worker × 2 threads and 2 workers × 1 thread took turns winning across three
-  runs, so one worker (one copy of the models) stays the default. More workers: WEB_CONCURRENCY=2
+  workers × model threads never exceed the cores. bench/serve.py compares 1 worker × N model threads
+  with N workers × 1 thread (--variant w2:WEB_CONCURRENCY=2; docs/performance.md): neither won
+  consistently, so one worker (one copy of the models) stays the default. More workers: WEB_CONCURRENCY=2
   (each then gets 1 thread); more request threads: GUNICORN_THREADS. Both can also be given on the
   command line or in GUNICORN_CMD_ARGS.
-- Each worker makes glibc keep freed memory (model/allocator.py, mmap and trim thresholds 1 GiB, checked
-  with a probe): without it batching loses throughput here; with it batch 8 ran ~4x faster.
+- Each worker makes glibc keep freed memory (tune_glibc_malloc in post_fork: mmap and trim thresholds
+  raised, checked with a probe): otherwise glibc returns large freed blocks to the kernel and every
+  batched forward pass faults its activations back in.
 - bind 127.0.0.1:8000: local only unless --bind or GUNICORN_CMD_ARGS="--bind 0.0.0.0:8000" says otherwise.
 - timeout 60 s: a worker stuck that long is restarted; a request normally takes tens of milliseconds.
 - GUNICORN_READ_TIMEOUT (default 20 s): a client must send each whole request (headers and body) within
