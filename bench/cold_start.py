@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.common import cpu_info, write_results
 from bench.serve import prepare_model_dir
-from bench.servers import REPO, Server, clean_env
+from serving.launcher import REPO, GunicornServer, clean_env
 
 IMPORT_PROBE = "import time; t = time.perf_counter(); import app; print(time.perf_counter() - t)"
 
@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             for backend in backends if i % 2 == 0 else backends[::-1]:
                 imports = import_seconds()
                 env = {"FLASK_BACKEND": backend, "GUNICORN_LOGLEVEL": "warning"}
-                with Server.service(backend, folder, Path(tmp) / f"{backend}-{i}.log", env) as server:
+                with GunicornServer(folder, Path(tmp) / f"{backend}-{i}.log", env=env, name=backend) as server:
                     model = load_seconds(server.get("/metrics"))
                     total = server.ready_s
                 runs[backend].append(

@@ -24,7 +24,7 @@ from typing import Any
 
 from bench.common import write_results
 from bench.serve import drive, load_photos, multipart, prepare_model_dir
-from bench.servers import Server
+from serving.launcher import GunicornServer
 
 # a sample goes to the first bucket one of whose functions is anywhere on its stack
 BUCKETS = (
@@ -66,7 +66,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
         folder = Path(tmp) / "models"
         prepare_model_dir(Path(args.bundle), args.backend, folder)
-        server = Server.service("service", folder, Path(tmp) / "service.log", {"FLASK_BACKEND": args.backend})
+        server = GunicornServer(folder, Path(tmp) / "service.log", env={"FLASK_BACKEND": args.backend})
         with server:
             assert server.proc is not None
             worker = subprocess.check_output(["pgrep", "-P", str(server.proc.pid)], text=True).split()[0]

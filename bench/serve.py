@@ -31,7 +31,7 @@ from typing import Any
 from PIL import Image
 
 from bench.common import cpu_info, write_results
-from bench.servers import Server
+from serving.launcher import GunicornServer
 
 PERCENTILES = (50, 95, 99)
 
@@ -232,13 +232,27 @@ def service_threads(env: dict[str, str]) -> tuple[int, int]:
     return workers, per
 
 
+def naive_server(bundle: Path, log_path: Path) -> GunicornServer:
+    """The seed-tutorial baseline: bench/baselines/naive_app.py with gunicorn's defaults, 1 worker."""
+    return GunicornServer(
+        None,
+        log_path,
+        app="bench.baselines.naive_app:app",
+        config=None,
+        args=["-w", "1"],
+        env={"NAIVE_BUNDLE": str(bundle)},
+        name="naive",
+    )
+
+
 def prepare_model_dir(bundle: Path, backend: str, folder: Path) -> Path | None:
     """The bundle (symlinked) in a fresh folder, and its ONNX export made ahead of time (not timed)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "default.pth").symlink_to(bundle.resolve())
     if backend != "onnx":
         return None
-    from model.onnx_files import export_for_serving, exported_sha, file_sha256, onnx_candidates
+    from model.files import file_sha256
+    from serving.exports import export_for_serving, exported_sha, onnx_candidates
 
     sha = file_sha256(bundle)
     for path in onnx_candidates(folder / "default.pth"):
@@ -268,14 +282,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         workdir = Path(tmp)
         backends = {env["FLASK_BACKEND"] for _, env in variants}
         onnx_path = prepare_model_dir(bundle, "onnx" if "onnx" in backends else "torch", workdir / "models")
-        servers: list[Server] = []
+        servers: list[GunicornServer] = []
         configs: dict[str, Any] = {}
         for name, env in variants:
             workers, per = service_threads(env)
             configs[name] = {"env": env, "backend": env["FLASK_BACKEND"], "workers": workers, "threads_per_worker": per}
-            servers.append(Server.service(name, workdir / "models", workdir / f"{name}.log", env))
+            servers.append(GunicornServer(workdir / "models", workdir / f"{name}.log", env=env, name=name))
         if not args.no_naive:
-            servers.append(Server.naive("naive", bundle, workdir / "naive.log"))
+            servers.append(naive_server(bundle, workdir / "naive.log"))
             configs["naive"] = {"workers": 1, "threads_per_worker": "torch default", "batching": False}
         keys = sorted({(configs[n]["backend"], configs[n]["threads_per_worker"]) for n, _ in variants})
         batches = _ints(args.ceiling_batches)

@@ -3,7 +3,7 @@
     python bench/soak.py                 # 5,000 requests, 16 concurrent clients
     python bench/soak.py --quick         # 300 requests: what CI runs (tests/test_soak_quick.py)
 
-Half the requests are real photos, half the hostile corpus of tests/hostile.py (bombs, truncated
+Half the requests are real photos, half the hostile corpus of tests/support/hostile.py (bombs, truncated
 files, wrong types, oversized bodies, bad parameters...), in a fixed shuffled order. Reports the
 requests whose status or error code was not the expected one (target 0), latency percentiles, and the
 workers' resident memory after request 1,000 and at the end (target: growth at most 10 %), as JSON
@@ -26,10 +26,11 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))  # run as a script (python bench/soak.py): the repository's packages
 
-from helpers import CAT_LABELS, GunicornServer, rss_bytes, worker_pids  # noqa: E402
-from hostile import Case, build_cases, upload  # noqa: E402
+from serving.launcher import GunicornServer, worker_pids  # noqa: E402
+from tests.support.hostile import Case, build_cases, upload  # noqa: E402
+from tests.support.photos import CAT_LABELS, photo_paths  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -49,14 +50,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def photo_paths() -> dict[str, Path]:
-    import skimage
-    import sklearn
-
-    sk = Path(skimage.__file__).parent / "data"
-    skl = Path(sklearn.__file__).parent / "datasets" / "images"
-    return {"chelsea": sk / "chelsea.png", "coffee": sk / "coffee.png", "astronaut": sk / "astronaut.png",
-            "china": skl / "china.jpg", "flower": skl / "flower.jpg"}  # fmt: skip
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for {pid}")
 
 
 def valid_cases(photos: dict[str, Path]) -> list[Case]:

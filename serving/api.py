@@ -48,7 +48,7 @@ def version() -> Response:
 def readyz() -> Response:
     reg = registry()
     if not reg.ready:
-        raise ApiError(503, "not_ready", "the models are not loaded and warm, or the worker is shutting down")
+        raise ApiError("not_ready", "the models are not loaded and warm, or the worker is shutting down")
     return jsonify(status="ready", models=reg.names(), default_model=reg.default)
 
 
@@ -103,9 +103,9 @@ def check_api_key() -> None:
     challenge = {"WWW-Authenticate": 'Bearer realm="imgclf"'}
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given:
-        raise ApiError(401, "unauthorized", "this server needs an API key: Authorization: Bearer <key>", challenge)
+        raise ApiError("unauthorized", "this server needs an API key: Authorization: Bearer <key>", challenge)
     if not hmac.compare_digest(given.strip().encode(), key.encode()):
-        raise ApiError(401, "unauthorized", "the API key is not valid", challenge)
+        raise ApiError("unauthorized", "the API key is not valid", challenge)
 
 
 def read_uploads() -> list[tuple[str, bytes]]:
@@ -116,27 +116,24 @@ def read_uploads() -> list[tuple[str, bytes]]:
         if not files:
             others = sorted(request.files)
             hint = f" (got file fields: {', '.join(others)})" if others else ""
-            raise ApiError(400, "no_file", f"send the image in a multipart field named 'file'{hint}")
+            raise ApiError("no_file", f"send the image in a multipart field named 'file'{hint}")
         limit = current_app.config["MAX_FILES"]
         if len(files) > limit:
-            raise ApiError(400, "too_many_files", f"{len(files)} files sent; at most {limit} per request")
+            raise ApiError("too_many_files", f"{len(files)} files sent; at most {limit} per request")
         return [((f.filename or "")[:MAX_FILENAME], f.read()) for f in files]
     if mimetype.startswith("image/") or mimetype in RAW_BODY_TYPES:
         data = request.get_data(cache=False)
         if request.content_length is not None and len(data) < request.content_length:
             # the client went away (or was cut off as too slow) before sending all it announced
-            raise ApiError(
-                400, "incomplete_body", f"got {len(data):,} of the {request.content_length:,} bytes announced"
-            )
+            raise ApiError("incomplete_body", f"got {len(data):,} of the {request.content_length:,} bytes announced")
         # A streamed (chunked) body is cut at MAX_CONTENT_LENGTH by Werkzeug without an error when it is
         # read in one go: a body that reached the limit is treated as over it.
         if request.content_length is None and len(data) >= current_app.config["MAX_CONTENT_LENGTH"]:
             raise RequestEntityTooLarge()
         return [("", data)]
     if not mimetype and not request.content_length and not request.headers.get("Transfer-Encoding"):
-        raise ApiError(400, "no_file", "no image sent: use a multipart field 'file' or an image/* body")
+        raise ApiError("no_file", "no image sent: use a multipart field 'file' or an image/* body")
     raise ApiError(
-        415,
         "unsupported_media_type",
         f"Content-Type {mimetype or '(none)'} is not accepted: send multipart/form-data with a field "
         "'file', or the image bytes with Content-Type image/*",
@@ -153,10 +150,10 @@ def _param(name: str) -> str | None:
 def pick_model(name: str | None) -> ServedModel:
     reg = registry()
     if not reg.ready:
-        raise ApiError(503, "not_ready", "the service is not ready (loading or shutting down); retry shortly")
+        raise ApiError("not_ready", "the service is not ready (loading or shutting down); retry shortly")
     served = reg.get(name)
     if served is None:
-        raise ApiError(404, "model_not_found", f"no model named {name!r}; see GET /models ({', '.join(reg.names())})")
+        raise ApiError("model_not_found", f"no model named {name!r}; see GET /models ({', '.join(reg.names())})")
     return served
 
 
@@ -169,7 +166,7 @@ def parse_top_k(raw: str | None) -> int:
     except ValueError:
         k = 0
     if not 1 <= k <= cfg["TOP_K_MAX"]:
-        raise ApiError(400, "bad_top_k", f"top_k must be an integer from 1 to {cfg['TOP_K_MAX']}, not {raw!r}")
+        raise ApiError("bad_top_k", f"top_k must be an integer from 1 to {cfg['TOP_K_MAX']}, not {raw!r}")
     return k
 
 
@@ -190,14 +187,14 @@ def classify(
             outcomes.append(ApiError.from_image_error(exc))
         except (ValueError, OSError) as exc:  # a mode Pillow cannot convert (e.g. some LAB TIFFs)
             logger.info("cannot convert an image for %s: %s", predictor.name, exc)
-            outcomes.append(ApiError(422, "unconvertible_image", f"the image cannot be converted: {exc}"))
+            outcomes.append(ApiError("unconvertible_image", f"the image cannot be converted: {exc}"))
     if tensors:
         try:
             probs = served.batcher.submit(torch.cat(tensors))
         except BatcherClosed as exc:
-            raise ApiError(503, "not_ready", str(exc)) from None
+            raise ApiError("not_ready", str(exc)) from None
         except FutureTimeout:
-            raise ApiError(503, "busy", "inference took too long; retry later") from None
+            raise ApiError("busy", "inference took too long; retry later") from None
         predictions = iter(predictor.postprocess(probs, top_k))
         outcomes = [o if isinstance(o, ApiError) else next(predictions) for o in outcomes]
     return outcomes

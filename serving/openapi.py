@@ -6,22 +6,31 @@ from collections.abc import Mapping
 from typing import Any
 
 from model import version as release
-from serving.errors import IMAGE_ERROR_STATUS
+from serving.error_catalogue import SERVER_ERRORS
 
 JSON = "application/json"
+# every error /predict may answer: all but a path that does not exist
+PREDICT_ERRORS = [kind.code for kind in SERVER_ERRORS if kind.code != "not_found"]
 
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {JSON: {"schema": _ref("Error")}}}
+def _errors(codes: list[str]) -> dict[str, Any]:
+    """One response per status, described (a Markdown list) by the catalogue's entries for ``codes``."""
+    lines: dict[str, list[str]] = {}
+    for kind in SERVER_ERRORS:
+        if kind.code in codes:
+            lines.setdefault(str(kind.status), []).append(f"- `{kind.code}`: {kind.when}")
+    return {
+        status: {"description": "\n".join(found), "content": {JSON: {"schema": _ref("Error")}}}
+        for status, found in lines.items()
+    }
 
 
 def build_openapi(config: Mapping[str, Any], model_names: list[str]) -> dict[str, Any]:
     max_mb = config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
-    image_codes = ", ".join(f"{code} → {status}" for code, status in IMAGE_ERROR_STATUS.items())
     params = [
         {
             "name": "model",
@@ -48,7 +57,7 @@ def build_openapi(config: Mapping[str, Any], model_names: list[str]) -> dict[str
         "description": (
             f"The bytes decide the format (JPEG, PNG, WebP, GIF, BMP, TIFF), not the declared type. Body at most "
             f"{max_mb:g} MB, images at most {config['MAX_IMAGE_PIXELS']:,} pixels, at most {config['MAX_FILES']} "
-            f"files. Image errors: {image_codes}."
+            "files. Each error's code is listed under its status."
         ),
         "operationId": "predict",
         "parameters": params,
@@ -81,14 +90,7 @@ def build_openapi(config: Mapping[str, Any], model_names: list[str]) -> dict[str
                 "description": "predictions (one file) or one result per file, in order (several files)",
                 "content": {JSON: {"schema": {"oneOf": [_ref("Prediction"), _ref("MultiPrediction")]}}},
             },
-            "400": _error("no file, empty file, bad top_k or too many files"),
-            "401": _error("missing or wrong API key (only when the server has one)"),
-            "404": _error("unknown model"),
-            "413": _error("body too large (also when streamed) or image with too many pixels"),
-            "415": _error("not an image, or an image format that is not accepted"),
-            "422": _error("corrupt or truncated image"),
-            "500": _error("unexpected error; the error carries a request_id"),
-            "503": _error("not ready or shutting down"),
+            **_errors(PREDICT_ERRORS),
         },
     }
     if config.get("API_KEY"):
@@ -109,7 +111,7 @@ def build_openapi(config: Mapping[str, Any], model_names: list[str]) -> dict[str
                     **_simple("Readiness: every model loaded and warmed up", "Ready"),
                     "responses": {
                         "200": {"description": "ready", "content": {JSON: {"schema": _ref("Ready")}}},
-                        "503": _error("loading or shutting down"),
+                        **_errors(["not_ready"]),
                     },
                 }
             },
@@ -168,7 +170,12 @@ def _schemas() -> dict[str, Any]:
         "type": "object",
         "required": ["code", "message"],
         "properties": {
-            "code": {"type": "string", "examples": ["not_an_image"]},
+            "code": {
+                "type": "string",
+                "description": "stable, one of the examples; a rarer refusal of gunicorn's (417, 501) is named "
+                "after its reason phrase",
+                "examples": [kind.code for kind in SERVER_ERRORS],
+            },
             "message": {"type": "string"},
             "request_id": {"type": "string", "description": "only on 500"},
         },

@@ -19,6 +19,7 @@ from flask import Blueprint, Response, current_app, render_template, request, ur
 
 from model import version as release
 from serving.api import classify, parse_top_k, pick_model, read_uploads, registry
+from serving.error_catalogue import PAGE_MESSAGES
 from serving.errors import ApiError, handle_error
 from serving.http import content_security_policy
 
@@ -43,34 +44,6 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",
 }
 
-# What a person reads for each error code of the API (and of the page itself). The {placeholders}
-# known on the server are filled when the page is rendered; {size}, {status} and {request_id} are
-# filled by app.js. The server's own message is the fallback for a code not listed here.
-NOT_AN_IMAGE = "This file is not an image. Choose a photo: JPEG, PNG, WebP, GIF, BMP or TIFF."
-MESSAGES = {
-    "no_file": "Choose a photo first: use the button, drop it on the box, or paste it.",
-    "empty_file": "This file is empty.",
-    "not_an_image": NOT_AN_IMAGE,
-    "unsupported_format": "This image format is not supported. Use JPEG, PNG, WebP, GIF, BMP or TIFF.",
-    "unsupported_media_type": NOT_AN_IMAGE,
-    "corrupt_image": "This image looks damaged or incomplete, so it cannot be read.",
-    "unconvertible_image": "The colours of this image cannot be converted. Try saving it as JPEG or PNG.",
-    "too_many_pixels": "This image has too many pixels (the limit is {max_megapixels} megapixels). "
-    "Try a smaller version.",
-    "payload_too_large": "Too large to upload: the limit is {max_size} per upload.",
-    "file_too_large": "This photo is {size}, too large to upload: the limit is {max_size}.",
-    "too_many_files": "Too many photos at once: at most {max_files} per upload.",
-    "bad_top_k": "Choose between 1 and {top_k_max} results.",
-    "model_not_found": "That model is not available any more. Reload the page to see the current list.",
-    "not_ready": "The server is busy or still starting. Please try again in a moment.",
-    "busy": "The server is busy. Please try again in a moment.",
-    "unauthorized": "This server needs a valid API key.",
-    "method_not_allowed": "That did not work. Reload the page and try again.",
-    "internal_error": "Something went wrong on the server. If it keeps happening, quote request id {request_id}.",
-    "network": "Could not reach the server. Check your connection and try again.",
-    "unexpected": "The server gave an unexpected answer (HTTP {status}). Please try again.",
-}
-
 
 @bp.after_request
 def _page_headers(response: Response) -> Response:
@@ -91,7 +64,7 @@ def classify_form() -> tuple[str, int]:
     check_form_api_key()
     uploads = [(name, data) for name, data in read_uploads() if name or data]
     if not uploads:  # a browser sends one empty part when no file was chosen
-        raise ApiError(400, "no_file", "no file chosen")
+        raise ApiError("no_file", "no file chosen")
     served = pick_model(request.form.get("model"))
     top_k = parse_top_k(request.form.get("top_k"))
     outcomes = classify(served, uploads, top_k)
@@ -122,7 +95,7 @@ def check_form_api_key() -> None:
     """A browser form cannot send an Authorization header: with a key configured, it comes as a field."""
     key = current_app.config["API_KEY"]
     if key and not hmac.compare_digest(request.form.get("api_key", "").encode(), key.encode()):
-        raise ApiError(401, "unauthorized", "the API key is missing or not valid")
+        raise ApiError("unauthorized", "the API key is missing or not valid")
 
 
 def human_message(code: str, fallback: str) -> str:
@@ -130,6 +103,7 @@ def human_message(code: str, fallback: str) -> str:
 
 
 def page_messages() -> dict[str, str]:
+    """The catalogue's page messages with this server's limits filled in (app.js fills the rest)."""
     cfg = current_app.config
     known = {
         "max_size": format_bytes(cfg["MAX_CONTENT_LENGTH"]),
@@ -138,7 +112,7 @@ def page_messages() -> dict[str, str]:
         "top_k_max": str(cfg["TOP_K_MAX"]),
     }
     filled = {}
-    for code, text in MESSAGES.items():
+    for code, text in PAGE_MESSAGES.items():
         for name, value in known.items():
             text = text.replace("{" + name + "}", value)
         filled[code] = text

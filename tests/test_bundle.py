@@ -19,7 +19,7 @@ from model.bundle import (
 )
 from model.preprocessing import Preprocessing
 from model.registry import build_model
-from tests.conftest import tiny_bundle
+from tests.support.bundles import tiny_bundle
 
 CLASSES = ["ant", "bee", "wasp"]
 

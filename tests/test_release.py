@@ -12,10 +12,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import closing_app, tiny_bundle
 
 from model import version as release
 from model.bundle import library_versions
+from tests.support.bundles import tiny_bundle
+from tests.support.service import closing_app
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_VERSION = "9.8.7-test"

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import tiny_bundle
-from helpers import CAT_LABELS, GunicornServer, metric_samples, top_label
+
+from serving.launcher import GunicornServer
+from tests.support.bundles import tiny_bundle
+from tests.support.photos import CAT_LABELS, top_label
+from tests.support.service import metric_samples
 
 TINY_CLASSES = ["cirrus", "cumulus", "nimbus"]
 

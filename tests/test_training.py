@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from model.bundle import Bundle, load_bundle, read_bundle
-from tests.conftest import ROOT
+from tests.support import ROOT
 from training import evaluate, flags, predict, prepare_fashion_mnist, recipes, train
 from training.config import TrainConfig, autocast_dtype
 

@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRa
 from torchvision.transforms import v2
 
 from model.registry import build_model, find_head
-from model.sparsity import apply_masks, zero_masks
 from model.transforms import build_eval_transform, build_train_transform
 from training.batch_augment import BatchAugment, TensorImageDataset
 from training.checkpoint import CheckpointWriter
@@ -27,6 +26,7 @@ from training.config import TrainConfig
 from training.data import ImageListDataset, Splits, balanced_weights
 from training.distill import BatchTransform, DistillationLoss, Teacher
 from training.distributed import Session
+from training.sparsity import apply_masks, zero_masks
 
 logger = logging.getLogger("training.train")
 

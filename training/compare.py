@@ -9,7 +9,7 @@ among them if wanted): one config each, built in code and trained by ``training.
 from scratch (torchvision's ImageNet weights need the internet). Writes ``compare.md`` (a Markdown
 table), ``compare.json`` and ``accuracy_vs_speed.png`` to OUT; each run stays in OUT/ARCH.
 
-CPU images/s: the bundle's model through the Predictor (eval mode, inference_mode, the preprocessed
+CPU images/s: the bundle's model through the TorchPredictor (eval mode, inference_mode, the preprocessed
 batch already in memory, so decoding is not counted), batches of ``--bench-batch``, with
 ``--bench-threads`` threads; on a shared machine the figure moves with the other load.
 """
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from model.bundle import read_bundle
-from model.predictor import Predictor
+from model.predictor import TorchPredictor
 from training.config import TrainConfig, splits_for
 from training.data import Splits
 from training.recipes import recipe_and_flags
@@ -64,7 +64,7 @@ def pretrained_for(arch: str, choice: str) -> str:
 
 
 def cpu_images_per_second(bundle_path: Path, batch: int, seconds: float, threads: int | None) -> float:
-    predictor = Predictor.from_file(bundle_path, device="cpu", num_threads=threads)
+    predictor = TorchPredictor.from_file(bundle_path, device="cpu", num_threads=threads)
     x = torch.randn(batch, *predictor.input_shape)
     predictor.infer(x)
     done, started = 0, time.perf_counter()

@@ -1,6 +1,10 @@
-"""Starting the real service (and the naive baseline) under gunicorn on 127.0.0.1.
+"""Start the service under gunicorn as a child process on 127.0.0.1, wait until it is ready, stop it.
 
-The bench scripts use ``Server`` directly; the tests' ``GunicornServer`` (tests/helpers.py) builds on it.
+The one launcher of tests/ (a real gunicorn behind the HTTP tests) and bench/ (the servers measured).
+It starts gunicorn as `make run` does, ``--config gunicorn.conf.py "app:create_app()"``, with the
+settings an operator would pass: FLASK_* variables, WEB_CONCURRENCY and GUNICORN_THREADS, and the bind
+in GUNICORN_CMD_ARGS (which overrides the config file's 127.0.0.1:8000). Nothing in the service
+imports it.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 REPO = Path(__file__).resolve().parent.parent
+SERVICE_APP = "app:create_app()"
 
 
 def free_port() -> int:
@@ -35,35 +40,52 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-class Server:
-    """One gunicorn process tree on a free 127.0.0.1 port; always stopped by ``stop`` (also on errors)."""
+def worker_pids(master_pid: int) -> set[int]:
+    """PIDs of a gunicorn master's worker processes (its children), from /proc."""
+    children = Path(f"/proc/{master_pid}/task/{master_pid}/children")
+    return {int(p) for p in children.read_text().split()} if children.exists() else set()
 
-    def __init__(self, name: str, args: list[str], env: Mapping[str, str], log_path: Path) -> None:
+
+class GunicornServer:
+    """One gunicorn process tree on a free 127.0.0.1 port; always stopped by ``stop`` (also on errors).
+
+        ``workers`` and ``threads`` left as None are gunicorn.conf.py's choice. ``app``, ``config`` and
+        ``args`` start something else under gunicorn (bench's naive baseline); ``env`` comes last and wins,
+    except that the bind is always added to its GUNICORN_CMD_ARGS.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path | None,
+        log_path: Path,
+        *,
+        workers: int | None = None,
+        threads: int | None = None,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        app: str = SERVICE_APP,
+        config: str | None = "gunicorn.conf.py",
+        name: str = "service",
+    ) -> None:
         self.name = name
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.args = args
-        self.env = dict(env)
+        self.args = [*(["--config", config] if config else []), *args, app]
+        extra = dict(env or {})
+        # the caller's own gunicorn options stay, with our bind after them
+        own_args = extra.pop("GUNICORN_CMD_ARGS", "")
+        settings = {"GUNICORN_CMD_ARGS": f"{own_args} --bind 127.0.0.1:{self.port}".strip()}
+        if model_dir is not None:
+            settings["FLASK_MODEL_DIR"] = str(model_dir)
+        if workers is not None:
+            settings["WEB_CONCURRENCY"] = str(workers)
+        if threads is not None:
+            settings["GUNICORN_THREADS"] = str(threads)
+        self.env = clean_env({**settings, **extra})
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.ready_s = 0.0
-
-    @classmethod
-    def service(cls, name: str, model_dir: Path, log_path: Path, env: Mapping[str, str] | None = None) -> Server:
-        """``gunicorn --config gunicorn.conf.py "app:create_app()"``, as `make run` starts it."""
-        server = cls(name, [], {}, log_path)
-        server.args = ["--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{server.port}", "app:create_app()"]
-        server.env = clean_env({"FLASK_MODEL_DIR": str(model_dir), **(env or {})})
-        return server
-
-    @classmethod
-    def naive(cls, name: str, bundle: Path, log_path: Path) -> Server:
-        """The seed-tutorial baseline: gunicorn's defaults (1 sync worker), nothing tuned."""
-        server = cls(name, [], {}, log_path)
-        server.args = ["-w", "1", "-b", f"127.0.0.1:{server.port}", "bench.baselines.naive_app:app"]
-        server.env = clean_env({"NAIVE_BUNDLE": str(bundle)})
-        return server
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -72,7 +94,7 @@ class Server:
         """Start and wait for /readyz; on any failure the process is stopped before raising."""
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter running gunicorn
             [sys.executable, "-m", "gunicorn", *self.args],
             cwd=REPO,
             env=self.env,
@@ -93,7 +115,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             try:
-                with urllib.request.urlopen(self.base + "/readyz", timeout=2) as r:
+                with urllib.request.urlopen(self.base + "/readyz", timeout=2) as r:  # noqa: S310 - our http URL
                     if r.status == 200:
                         self.ready_s = time.perf_counter() - self.started_at
                         return
@@ -102,8 +124,8 @@ class Server:
             time.sleep(0.05)
         raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.log()[-3000:]}")
 
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.base + path, timeout=10) as r:
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(self.base + path, timeout=10) as r:  # noqa: S310 - our http URL
             return r.read().decode()
 
     def stop(self, timeout: float = 30.0) -> int | None:
