@@ -128,8 +128,8 @@ def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
         "--amp",
         default="auto",
         choices=("auto", "on", "off"),
-        help="mixed precision: float16 on CUDA; 'on' also trains in bfloat16 on CPU, about 1.7-2.2x faster"
-        " on CPUs with AVX-512 BF16 or AMX (auto: CUDA only)",
+        help="mixed precision: float16 on CUDA; 'on' also trains in bfloat16 on CPU, faster on CPUs"
+        " with AVX-512 BF16 or AMX (python -m bench.train_step measures it; auto: CUDA only)",
     )
     g.add_argument("--patience", type=int, default=0, help="early stopping after N epochs without improvement (0: off)")
 
