@@ -14,6 +14,13 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from model.images import (
+    HIGH_BIT_DEPTH_MODES,
+    MAX_ASPECT_RATIO,
+    aspect_ratio_box,
+    composite_on_white,
+    high_bit_depth_to_l,
+)
 from model.preprocessing import Preprocessing
 
 AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment", "autoaugment")
@@ -41,29 +48,21 @@ class ToModelMode:
 
 def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
     target = "L" if channels == 1 else "RGB"
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    if img.mode in HIGH_BIT_DEPTH_MODES:
         img = _high_bit_depth_to_l(img)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
+        img = composite_on_white(img)
     if img.mode != target:
         img = img.convert(target)
     return img
 
 
 def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
-    import numpy as np
-
-    arr = np.asarray(img, dtype=np.float64)
-    if img.mode == "F":
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-    else:
-        arr = arr / 257.0 if arr.max() > 255 else arr
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    """16-bit and float greys to 8 bits, in float32 in place (model.images; decode_image already did it
+    strip by strip, before reducing, when it was told the model's size)."""
+    return high_bit_depth_to_l(img)
 
 
 class LimitAspectRatio:
@@ -76,20 +75,14 @@ class LimitAspectRatio:
     16:1) are not touched.
     """
 
-    def __init__(self, max_ratio: int = 16) -> None:
+    def __init__(self, max_ratio: int = MAX_ASPECT_RATIO) -> None:
         if max_ratio < 1:
             raise ValueError("max_ratio must be at least 1")
         self.max_ratio = max_ratio
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        width, height = img.size
-        short, long = min(width, height), max(width, height)
-        if long <= self.max_ratio * short:
-            return img
-        keep = self.max_ratio * short
-        start = (long - keep) // 2
-        box = (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
-        return img.crop(box)
+        box = aspect_ratio_box(img.size, self.max_ratio)
+        return img if box is None else img.crop(box)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(max_ratio={self.max_ratio})"
