@@ -12,7 +12,7 @@ from typing import Any
 from flask import Flask
 
 from serving.api import bp as api_blueprint
-from serving.config import DEFAULTS, check_config
+from serving.config import DEFAULTS, check_config, read_raw_environment
 from serving.errors import register_error_handler
 from serving.http import install_request_hooks
 from serving.metrics import Metrics
@@ -30,6 +30,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.config.from_mapping(DEFAULTS)
     app.config.from_prefixed_env()
+    read_raw_environment(app.config)
     if test_config is not None:
         app.config.from_mapping(test_config)
     check_config(app.config)

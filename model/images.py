@@ -29,6 +29,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+# File names taken for images when a folder is listed (training data, calibration, parity photos).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # The readers Pillow may run on the bytes (MPO files come from the JPEG reader, which is tried first).
 OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # libjpeg walks every block of the image once per scan (and keeps all coefficients in memory for a
@@ -119,7 +121,8 @@ def load_image(img: Image.Image, *, draft_size: int | None = None) -> Image.Imag
             if draft_size and img.format in ("JPEG", "MPO") and min(width, height) >= 2 * draft_size:
                 img.draft(img.mode if img.mode in ("L", "RGB") else "RGB", (draft_size, draft_size))
             img.load()
-            img = ImageOps.exif_transpose(img)
+            # in place: without it Pillow returns a full-size copy even when nothing needs turning
+            ImageOps.exif_transpose(img, in_place=True)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageDecodeError("too_many_pixels", "the image has too many pixels") from None
         # TypeError/KeyError: Pillow's TIFF reader on a broken later page (found by fuzzing; was a 500)
