@@ -3,7 +3,7 @@
 Nothing here knows about Flask, gunicorn or training loops, and imports go one way (tests/test_layout.py):
 
     files           atomic_write, file_lock, file_sha256          (no torch)
-    images          decode_image, IMAGE_SUFFIXES                  (no torch)
+    images          open_image, load_image, decode_image, IMAGE_SUFFIXES (no torch)
     preprocessing   Preprocessing: the eval preprocessing, typed  (no torch)
     simple_cnn      the small CNN architecture
     registry        architectures by name, their pretrained preprocessing

@@ -11,10 +11,12 @@ from typing import Any
 
 import torch
 from flask import Blueprint, Response, current_app, jsonify, request
+from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from model import version as release
-from model.images import ImageDecodeError, decode_image
+from model.images import ImageDecodeError, load_image, open_image
+from model.predictor import Predictor
 from serving.batching import BatcherClosed
 from serving.errors import ApiError
 from serving.openapi import build_openapi
@@ -173,21 +175,31 @@ def parse_top_k(raw: str | None) -> int:
 def classify(
     served: ServedModel, uploads: list[tuple[str, bytes]], top_k: int
 ) -> list[list[dict[str, Any]] | ApiError]:
-    """Decode and preprocess here, on the request thread; only the forward pass goes to the batcher."""
+    """Decode and preprocess here, on the request thread; only the forward pass goes to the batcher.
+
+    Every file's header is read first, so the request's pixel budget is spent before any pixel is
+    decoded; then the files are decoded one at a time, each freed once it is a tensor.
+    """
     predictor = served.predictor
     cfg = current_app.config
+    opened = open_uploads(uploads, cfg["MAX_IMAGE_PIXELS"], cfg["MAX_REQUEST_PIXELS"])
     outcomes: list[list[dict[str, Any]] | ApiError] = []
     tensors: list[torch.Tensor] = []
-    for _, data in uploads:
+    for i, item in enumerate(opened):
+        opened[i] = None  # the decoded image lives only as long as this iteration
+        if isinstance(item, ApiError):
+            outcomes.append(item)
+            continue
         try:
-            img = decode_image(data, max_pixels=cfg["MAX_IMAGE_PIXELS"], draft_size=predictor.preprocessing.resize)
-            tensors.append(predictor.preprocess([img]))
+            tensors.append(_to_tensor(item, predictor))
             outcomes.append([])
         except ImageDecodeError as exc:
             outcomes.append(ApiError.from_image_error(exc))
         except (ValueError, OSError) as exc:  # a mode Pillow cannot convert (e.g. some LAB TIFFs)
             logger.info("cannot convert an image for %s: %s", predictor.name, exc)
             outcomes.append(ApiError("unconvertible_image", f"the image cannot be converted: {exc}"))
+        finally:
+            item.close()
     if tensors:
         try:
             probs = served.batcher.submit(torch.cat(tensors))
@@ -198,3 +210,38 @@ def classify(
         predictions = iter(predictor.postprocess(probs, top_k))
         outcomes = [o if isinstance(o, ApiError) else next(predictions) for o in outcomes]
     return outcomes
+
+
+def open_uploads(
+    uploads: list[tuple[str, bytes]], max_pixels: int, max_request_pixels: int
+) -> list[Image.Image | ApiError | None]:
+    """Each upload's header, checked (format, size, JPEG scans), and the request's pixel budget: a file
+    whose pixels would take the request past ``max_request_pixels`` gets its own 413 and is never
+    decoded. Files are counted in the order sent."""
+    opened: list[Image.Image | ApiError | None] = []
+    used = 0
+    for _, data in uploads:
+        try:
+            img = open_image(data, max_pixels=max_pixels)
+        except ImageDecodeError as exc:
+            opened.append(ApiError.from_image_error(exc))
+            continue
+        pixels = img.width * img.height
+        if used + pixels > max_request_pixels:
+            img.close()
+            opened.append(
+                ApiError(
+                    "too_many_total_pixels",
+                    f"this image's {pixels:,} pixels and the {used:,} of the files before it exceed the "
+                    f"{max_request_pixels:,} pixels one request may hold; send it in another request",
+                )
+            )
+            continue
+        used += pixels
+        opened.append(img)
+    return opened
+
+
+def _to_tensor(img: Image.Image, predictor: Predictor) -> torch.Tensor:
+    """One opened image -> its model input; the full-size decoded image is freed on return."""
+    return predictor.preprocess([load_image(img, draft_size=predictor.preprocessing.resize)])

@@ -35,6 +35,10 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 10 * 1024 * 1024,
     # largest image, in pixels, checked from the header before decoding
     "MAX_IMAGE_PIXELS": DEFAULT_MAX_PIXELS,
+    # most pixels of all the images of one request together, counted from their headers before any is
+    # decoded (each file's decoding and conversion costs CPU and memory in proportion to its pixels); a file
+    # past it gets its own 413 too_many_total_pixels. At least MAX_IMAGE_PIXELS.
+    "MAX_REQUEST_PIXELS": 2 * DEFAULT_MAX_PIXELS,
     # most `file` fields in one request
     "MAX_FILES": 16,
     "TOP_K_DEFAULT": 3,
@@ -57,6 +61,7 @@ INT_SETTINGS = {
     "TORCH_THREADS": 0,
     "MAX_CONTENT_LENGTH": 1,
     "MAX_IMAGE_PIXELS": 1,
+    "MAX_REQUEST_PIXELS": 1,
     "MAX_FILES": 1,
     "TOP_K_DEFAULT": 1,
     "TOP_K_MAX": 1,
@@ -93,6 +98,11 @@ def check_config(config: MutableMapping[str, Any]) -> None:
         raise ConfigError(f"BATCH_MAX_DELAY_MS must be a number, not {config['BATCH_MAX_DELAY_MS']!r}") from None
     if not 0 <= config["BATCH_MAX_DELAY_MS"] <= 10_000:
         raise ConfigError("BATCH_MAX_DELAY_MS must be between 0 and 10000")
+    if config["MAX_REQUEST_PIXELS"] < config["MAX_IMAGE_PIXELS"]:
+        raise ConfigError(
+            f"MAX_REQUEST_PIXELS ({config['MAX_REQUEST_PIXELS']:,}) must be at least MAX_IMAGE_PIXELS "
+            f"({config['MAX_IMAGE_PIXELS']:,}): an image the service accepts must fit in a request"
+        )
     if config["TOP_K_DEFAULT"] > config["TOP_K_MAX"]:
         raise ConfigError(
             f"TOP_K_DEFAULT ({config['TOP_K_DEFAULT']}) must not exceed TOP_K_MAX ({config['TOP_K_MAX']})"

@@ -17,6 +17,8 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+from model.images import MAX_JPEG_SCANS
+
 
 @dataclass(frozen=True)
 class ErrorKind:
@@ -95,6 +97,21 @@ CATALOGUE: tuple[ErrorKind, ...] = (
         413,
         "image over `MAX_IMAGE_PIXELS` (checked from the header, before decoding: decompression bombs)",
         "This image has too many pixels (the limit is {max_megapixels} megapixels). Try a smaller version.",
+    ),
+    ErrorKind(
+        "too_many_total_pixels",
+        413,
+        "the images of one request together over `MAX_REQUEST_PIXELS` (counted from their headers, in the "
+        "order sent, before any is decoded); a file past it gets this code in `results`, the others are answered",
+        "This photo was sent together with others that already use up the pixels one upload may hold. "
+        "Classify it on its own.",
+    ),
+    ErrorKind(
+        "too_many_scans",
+        413,
+        f"a JPEG of more than {MAX_JPEG_SCANS} scans (libjpeg decodes the whole image once per scan; encoders "
+        "write at most about 10), counted before decoding",
+        "This JPEG is stored in an unusual way that is too costly to decode. Save it again as an ordinary JPEG or PNG.",
     ),
     ErrorKind(
         "uri_too_long",
