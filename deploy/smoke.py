@@ -342,7 +342,7 @@ def wait_healthy(container: str, timeout: float) -> str:
     """Docker's own verdict of the HEALTHCHECK (the first one runs one interval after the start)."""
     deadline = time.monotonic() + timeout
     while True:
-        status = (inspect(container)["State"].get("Health") or {}).get("Status", "none")
+        status = (inspect("container", "inspect", container)["State"].get("Health") or {}).get("Status", "none")
         if status != "starting" or time.monotonic() > deadline:
             return status
         time.sleep(2)
@@ -354,7 +354,7 @@ def check_container(
     sys.path.insert(0, str(REPO))
     from serving.config import DEFAULTS  # the repository's settings, with the repository on the path
 
-    state = inspect(container)
+    state = inspect("container", "inspect", container)
     image = inspect("image", "inspect", state["Image"])["Config"]
     env = dict(item.partition("=")[::2] for item in image.get("Env") or [])
     print(f"image: user {image.get('User')}, ports {sorted(image.get('ExposedPorts') or {})}, cmd {image.get('Cmd')}")
