@@ -89,9 +89,11 @@ def worker_exit(server, worker):
 
 
 def _drain(worker):
-    """Readiness turns false and queued inference is finished before the worker goes."""
-    app = getattr(getattr(worker, "wsgi", None), "extensions", None)
-    registry = app.get("imgclf.models") if app else None
+    """The models close as the worker goes: queued inference is answered first. (Readiness already
+    turned 503 when SIGTERM arrived: serving/worker.py's handle_exit.)"""
+    from serving.worker import models_of
+
+    registry = models_of(worker)
     if registry is not None:
         registry.close()
 

@@ -149,7 +149,7 @@ def _param(name: str) -> str | None:
 
 def pick_model(name: str | None) -> ServedModel:
     reg = registry()
-    if not reg.ready:
+    if not reg.serving:  # not ``ready``: a worker that drains still answers the requests it has
         raise ApiError("not_ready", "the service is not ready (loading or shutting down); retry shortly")
     served = reg.get(name)
     if served is None:
