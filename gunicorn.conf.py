@@ -71,6 +71,8 @@ def post_fork(server, worker):
 
     if "FLASK_TORCH_THREADS" not in os.environ:
         os.environ["FLASK_TORCH_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // max(1, server.cfg.workers)))
+    # the default admission limit (FLASK_MAX_INFLIGHT, serving/config.py) keeps some of these for probes
+    os.environ["IMGCLF_REQUEST_THREADS"] = str(server.cfg.threads)
     tune_glibc_malloc()
 
 

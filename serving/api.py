@@ -15,6 +15,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from model import version as release
 from model.images import ImageDecodeError, decode_image
+from serving.admission import admitted
 from serving.batching import BatcherClosed
 from serving.errors import ApiError
 from serving.openapi import build_openapi
@@ -72,6 +73,7 @@ def openapi() -> Response:
 
 
 @bp.post("/predict")
+@admitted
 def predict() -> Response:
     started = time.perf_counter()
     check_api_key()
