@@ -14,7 +14,7 @@ from flask import Flask
 from serving.admission import EXTENSION as ADMISSION
 from serving.admission import Admission
 from serving.api import bp as api_blueprint
-from serving.config import DEFAULTS, admission_limit, check_config, request_threads
+from serving.config import DEFAULTS, admission_limit, check_config, read_raw_environment, request_threads
 from serving.errors import register_error_handler
 from serving.http import install_request_hooks
 from serving.metrics import Metrics
@@ -32,6 +32,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.config.from_mapping(DEFAULTS)
     app.config.from_prefixed_env()
+    read_raw_environment(app.config)
     if test_config is not None:
         app.config.from_mapping(test_config)
     check_config(app.config)

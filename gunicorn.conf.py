@@ -18,7 +18,8 @@ The choices, and why:
 - timeout 60 s: a worker stuck that long is restarted; a request normally takes tens of milliseconds.
 - GUNICORN_READ_TIMEOUT (default 20 s): a client must send each whole request (headers and body) within
   it, or its connection is closed: trickling clients (slowloris) cannot hold the request threads.
-- access log on stdout (without query strings or user names: they may hold secrets), error log on stderr.
+- access log on stdout (without query strings or user names: they may hold secrets), error log on stderr;
+  control characters in any logged line escaped (serving/logs.py).
 - Prometheus multiprocess mode: every worker writes its samples to files in PROMETHEUS_MULTIPROC_DIR
   (a fresh temporary folder unless already set) so /metrics adds up all workers; a dead worker's
   files are marked, and the folder is removed when gunicorn exits.
@@ -43,6 +44,8 @@ accesslog = "-"
 # would log `curl -u KEY:`'s key as the user) and no Referer; the request id ties a line to the app's log.
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms "%(a)s" id=%({x-request-id}o)s'
 errorlog = "-"
+# control characters in every logged line are escaped (`GET /%0Afake-line` cannot write a line of its own)
+logger_class = "serving.logs.EscapingLogger"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
 # models are loaded in each worker after the fork (no preload): threads and torch's pools start there
 preload_app = False
@@ -58,7 +61,10 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 
 
 def on_starting(server):
+    from serving.logs import escape_handlers
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    escape_handlers(logging.getLogger())  # the app's own lines quote paths, file names, model names
     metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     metrics_dir.mkdir(parents=True, exist_ok=True)
     for stale in metrics_dir.glob("*.db"):  # samples of an earlier run would be added to ours

@@ -259,6 +259,11 @@ def print_table(result: dict[str, Any]) -> None:
     for r in result["phases"]:
         print(f"{r['phase']}: outcomes {r['outcomes']}, probes {r['probe_statuses']}")
     print(f"goodput under overload / normal goodput: {result['goodput_ratio']:.2f}")
+    print(
+        "successful predictions per service CPU second: "
+        + ", ".join(f"{r['phase']} {r['ok_per_service_cpu_s']:.1f}" for r in result["phases"])
+        + f" (ratio {result['ok_per_cpu_s_ratio']:.2f})"
+    )
     print(f"service peak RSS, sum of each process's VmHWM: {result['sum_vmhwm_mib']:.0f} MiB")
 
 
@@ -296,6 +301,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 row = summarize(name, clients, load, prober.samples, sampler.samples)
                 row["service_cpu_s"] = cpu_s(service_pids(server)) - cpu0
+                # the shared machine's other load changes what CPU the service gets: goodput per CPU second
+                # tells a slower service from a starved one
+                row["ok_per_service_cpu_s"] = row["outcomes"].get("ok", 0) / max(row["service_cpu_s"], 1e-9)
                 row["loadavg_after"] = os.getloadavg()
                 result["phases"].append(row)
                 time.sleep(2.0)  # let answers in flight at the end drain before the next phase
@@ -314,6 +322,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     result["loadavg_after"] = os.getloadavg()
     normal, over = result["phases"]
     result["goodput_ratio"] = over["goodput_per_s"] / normal["goodput_per_s"] if normal["goodput_per_s"] else None
+    result["ok_per_cpu_s_ratio"] = over["ok_per_service_cpu_s"] / normal["ok_per_service_cpu_s"]
     print_table(result)
     path = write_results("overload", result, args.out)
     print(f"\nwrote {path}")

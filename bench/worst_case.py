@@ -449,7 +449,8 @@ def scaling(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if len(rs) >= 2 and rs[-2]["cpu_s"] > 0:
             a, b = rs[-2], rs[-1]
             k = np.log(b["cpu_s"] / a["cpu_s"]) / np.log(b["size"] / a["size"])
-            at_limit = BODY_LIMIT / (b["bytes"] / b["size"])  # sizes that fit the body limit
+            per_unit = (b["bytes"] - a["bytes"]) / (b["size"] - a["size"])  # bytes of one more page/scan/frame
+            at_limit = b["size"] + (BODY_LIMIT - b["bytes"]) / per_unit  # the most that fits the body limit
             entry["exponent"] = float(k)
             entry["size_at_body_limit"] = int(at_limit)
             entry["cpu_s_at_body_limit_extrapolated"] = float(b["cpu_s"] * (at_limit / b["size"]) ** max(k, 1.0))

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from flask import current_app, request
 
 from serving.errors import ApiError
+from serving.metrics import OTHER
 
 RETRY_AFTER_S = 1  # what refused clients are told to wait: about one forward pass of a full batch, rounded up
 EXTENSION = "imgclf.admission"
@@ -55,7 +56,7 @@ def admitted(view: View) -> View:
     def gate(*args: Any, **kwargs: Any) -> Any:
         admission: Admission = current_app.extensions[EXTENSION]
         metrics = current_app.extensions["imgclf.metrics"]
-        endpoint = request.url_rule.rule if request.url_rule is not None else request.path
+        endpoint = request.url_rule.rule if request.url_rule is not None else OTHER  # a fixed set of labels
         if not admission.try_enter():
             metrics.rejected.labels(endpoint).inc()
             raise ApiError(

@@ -1,7 +1,8 @@
 """Service settings: the defaults, and the checks that make a bad setting fail at start, not per request.
 
 Every setting can come from the environment with Flask's prefix (``FLASK_MODEL_DIR=/models``,
-``FLASK_BATCH_MAX_SIZE=4``...); values are parsed as JSON when they can be, so numbers arrive as numbers.
+``FLASK_BATCH_MAX_SIZE=4``...); values are parsed as JSON when they can be, so numbers arrive as numbers,
+except the secrets in RAW_STRING_SETTINGS, which are taken exactly as written.
 """
 
 from __future__ import annotations
@@ -45,13 +46,18 @@ DEFAULTS: dict[str, Any] = {
     # ... and the longest the oldest waiting request is held for others to join. 0: a batch is what queued
     # while the previous pass ran (under load batches still form; a lone request never waits)
     "BATCH_MAX_DELAY_MS": 0.0,
-    # when set, POST /predict needs `Authorization: Bearer <key>`
+    # when set, POST /predict needs `Authorization: Bearer <key>`; at least API_KEY_MIN_LENGTH characters
     "API_KEY": None,
     # most requests of one worker decoding and inferring at once (POST /predict, POST /); more get 503 busy
     # with Retry-After. 0 = the worker's request threads minus PROBE_THREADS (at least 1): the threads left
     # answer /healthz, /readyz and /metrics while every admitted request is busy. No limit outside gunicorn.
     "MAX_INFLIGHT": 0,
 }
+
+API_KEY_MIN_LENGTH = 16
+# JSON-decoding a secret changes it: FLASK_API_KEY=null would become None (no key: an open server) and
+# 1.000000000000000000 the key "1.0".
+RAW_STRING_SETTINGS = ("API_KEY",)
 
 # request threads kept out of admission for probes and scrapes (Kubernetes' liveness and readiness, Prometheus)
 PROBE_THREADS = 2
@@ -72,6 +78,13 @@ INT_SETTINGS = {
 
 class ConfigError(ValueError):
     """A setting that makes no sense; raised while the app is created so the worker refuses to start."""
+
+
+def read_raw_environment(config: MutableMapping[str, Any], environ: Mapping[str, str] = os.environ) -> None:
+    """Put the RAW_STRING_SETTINGS back as the environment wrote them, after Flask's ``from_prefixed_env``."""
+    for key in RAW_STRING_SETTINGS:
+        if "FLASK_" + key in environ:
+            config[key] = environ["FLASK_" + key]
 
 
 def check_config(config: MutableMapping[str, Any]) -> None:
@@ -103,9 +116,27 @@ def check_config(config: MutableMapping[str, Any]) -> None:
     config["ONNX_DIR"] = str(config["ONNX_DIR"]) if config.get("ONNX_DIR") not in (None, "") else None
     config["MODEL_DIR"] = str(config["MODEL_DIR"])
     config["DEFAULT_MODEL"] = str(config["DEFAULT_MODEL"])
-    key = config.get("API_KEY")
-    # "123" from the environment arrives as a number; an empty value means no key
-    config["API_KEY"] = str(key) if key not in (None, "") else None
+    config["API_KEY"] = valid_api_key(config.get("API_KEY"))
+
+
+def valid_api_key(key: Any) -> str | None:
+    """None (not set) turns authentication off; a key that is set must be a real one: fail closed, never
+    open. The messages never quote the value: it is a secret."""
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise ConfigError(f"API_KEY must be a string, not a {type(key).__name__}")
+    if key.strip().lower() in ("", "null", "none"):
+        raise ConfigError(
+            "API_KEY is set but empty (or 'null'): refusing to start without authentication by accident; set a "
+            "long random key (openssl rand -hex 32) or unset FLASK_API_KEY to serve without one"
+        )
+    if len(key) < API_KEY_MIN_LENGTH:
+        raise ConfigError(
+            f"API_KEY is {len(key)} characters long; at least {API_KEY_MIN_LENGTH} are needed "
+            "(openssl rand -hex 32 makes a good one)"
+        )
+    return key
 
 
 def request_threads(environ: Mapping[str, str] = os.environ) -> int | None:

@@ -10,7 +10,7 @@ from typing import IO, Any
 
 from flask import Flask, Request, Response, current_app, g, request
 
-from serving.metrics import Metrics
+from serving.metrics import OTHER, Metrics
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -89,7 +89,8 @@ def _finish(response: Response) -> Response:
         response.headers.setdefault("Cache-Control", "no-store")
     started: Any = g.get("started")
     if started is not None:
-        endpoint = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        # the matched route's rule (one of the app's), never the path the client sent
+        endpoint = request.url_rule.rule if request.url_rule is not None else OTHER
         metrics_of(current_app).observe_request(
             endpoint, request.method, response.status_code, time.perf_counter() - started
         )

@@ -20,6 +20,12 @@ from prometheus_client import (
     multiprocess,
 )
 
+# Label values a client chooses must come from fixed sets: each new value is a new series in every
+# worker's files under PROMETHEUS_MULTIPROC_DIR (a small in-memory volume in the Deployment), so
+# made-up methods (``QZ0001 / HTTP/1.1``) would grow them without bound.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
+OTHER = "other"
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
@@ -83,7 +89,8 @@ class Metrics:
         )
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        labels = (endpoint, method, str(status))
+        """``endpoint``: a route's rule of the app (a fixed set) or ``OTHER``; unknown methods count as ``OTHER``."""
+        labels = (endpoint, method if method in HTTP_METHODS else OTHER, str(status))
         self.requests.labels(*labels).inc()
         self.latency.labels(*labels).observe(seconds)
 

@@ -237,7 +237,7 @@ def test_unexpected_error_is_500_with_request_id_and_no_traceback(tiny_dir, capl
 
 
 def test_api_key(tiny_dir, photos) -> None:
-    client = tiny_app(tiny_dir, API_KEY="s3cret-key").test_client()
+    client = tiny_app(tiny_dir, API_KEY="s3cret-key-0123456789").test_client()
     data = photos["coffee"].read_bytes()
     r = client.post("/predict", data=data, content_type="image/png")
     assert_error(r, 401, "unauthorized")
@@ -246,7 +246,9 @@ def test_api_key(tiny_dir, photos) -> None:
     assert_error(wrong, 401, "unauthorized")
     basic = client.post("/predict", data=data, content_type="image/png", headers={"Authorization": "Basic czNjcmV0"})
     assert_error(basic, 401, "unauthorized")
-    ok = client.post("/predict", data=data, content_type="image/png", headers={"Authorization": "Bearer s3cret-key"})
+    ok = client.post(
+        "/predict", data=data, content_type="image/png", headers={"Authorization": "Bearer s3cret-key-0123456789"}
+    )
     assert ok.status_code == 200
     for path in ("/healthz", "/readyz", "/metrics", "/models", "/openapi.json"):
         assert client.get(path).status_code == 200, path
@@ -328,13 +330,13 @@ def test_settings_from_the_environment(tiny_dir, photos, monkeypatch) -> None:
     monkeypatch.setenv("FLASK_MODEL_DIR", str(tiny_dir))
     monkeypatch.setenv("FLASK_DEFAULT_MODEL", "tiny")
     monkeypatch.setenv("FLASK_TOP_K_DEFAULT", "2")
-    monkeypatch.setenv("FLASK_API_KEY", "12345")  # parsed as JSON into a number: still a key
+    monkeypatch.setenv("FLASK_API_KEY", "1234567890123456")  # JSON would make it a number: read as written
     app = create_app()
     r = app.test_client().post(
         "/predict",
         data=photos["coffee"].read_bytes(),
         content_type="image/png",
-        headers={"Authorization": "Bearer 12345"},
+        headers={"Authorization": "Bearer 1234567890123456"},
     )
     assert r.status_code == 200 and len(r.get_json()["predictions"]) == 2
 
