@@ -53,6 +53,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send the next request at once after a 503 (default: wait its Retry-After, at most 5 s)",
     )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the service, e.g. FLASK_MAX_INFLIGHT=4 or GUNICORN_THREADS=12 (repeatable)",
+    )
     p.add_argument("--out", "--json", dest="out", default=None, help="results file (default: bench/results/...)")
     return p
 
@@ -285,7 +292,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
         workdir = Path(tmp)
         prepare_model_dir(bundle, "onnx", workdir / "models")
-        server = GunicornServer(workdir / "models", workdir / "gunicorn.log", name="overload")
+        env = dict(item.split("=", 1) for item in args.env)
+        server = GunicornServer(workdir / "models", workdir / "gunicorn.log", env=env, name="overload")
         server.start()
         try:
             result["ready_s"] = server.ready_s
