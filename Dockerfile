@@ -30,8 +30,9 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
 # Its ONNX export beside it (what the default FLASK_BACKEND=onnx serves), made the way the service
 # itself makes a missing one, so the container starts without exporting.
 COPY model/ model/
+COPY serving/__init__.py serving/exports.py serving/
 RUN python -m model.default --out /app/models/default.pth \
-    && python -c "from model.onnx_runner import OnnxPredictor; OnnxPredictor.for_bundle('/app/models/default.pth')"
+    && python -c "from serving.exports import onnx_predictor_for_bundle; onnx_predictor_for_bundle('/app/models/default.pth')"
 
 # --- runtime: the venv, the default bundle and the application code; nothing else ---
 FROM python:3.11-slim

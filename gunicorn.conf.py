@@ -11,7 +11,7 @@ The choices, and why:
   consistently, so one worker (one copy of the models) stays the default. More workers: WEB_CONCURRENCY=2
   (each then gets 1 thread); more request threads: GUNICORN_THREADS. Both can also be given on the
   command line or in GUNICORN_CMD_ARGS.
-- Each worker makes glibc keep freed memory (tune_glibc_malloc in post_fork: mmap and trim thresholds
+- Each worker makes glibc keep freed memory (serving/allocator.py, in post_fork: mmap and trim thresholds
   raised, checked with a probe): otherwise glibc returns large freed blocks to the kernel and every
   batched forward pass faults its activations back in.
 - bind 127.0.0.1:8000: local only. $PORT (as Cloud Run and Heroku give it) changes the port and
@@ -89,7 +89,7 @@ def on_starting(server):
 
 
 def post_fork(server, worker):
-    from model.allocator import tune_glibc_malloc
+    from serving.allocator import tune_glibc_malloc
 
     if "FLASK_TORCH_THREADS" not in os.environ:
         os.environ["FLASK_TORCH_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // max(1, server.cfg.workers)))

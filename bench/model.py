@@ -75,7 +75,7 @@ def quick_defaults(args: argparse.Namespace) -> None:
 
 def run_child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    from model.allocator import active_allocator, glibc_version, mmap_probe, tune_glibc_malloc
+    from serving.allocator import active_allocator, glibc_version, mmap_probe, tune_glibc_malloc
 
     setting: dict[str, Any] = {}
     if spec["malloc"] == "mallopt":
@@ -102,14 +102,14 @@ def run_child(spec_path: str) -> None:
 def _runner(m: dict[str, Any], backend: str, threads: int) -> Any:
     from model.bundle import load_bundle
     from model.onnx_runner import OnnxPredictor
-    from model.predictor import Predictor
+    from model.predictor import TorchPredictor
 
     if backend in ("onnx", "onnx-int8"):
         return OnnxPredictor(m["onnx" if backend == "onnx" else "onnx_int8"], device="cpu", num_threads=threads)
     bundle, model = load_bundle(m["bundle"])
     if backend == "channels_last":
         model = model.to(memory_format=torch.channels_last)
-    return Predictor(bundle, model, device="cpu", num_threads=threads, warmup=False)
+    return TorchPredictor(bundle, model, device="cpu", num_threads=threads, warmup=False)
 
 
 def _run_model(m: dict[str, Any], spec: dict[str, Any]) -> list[dict[str, Any]]:

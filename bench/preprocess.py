@@ -23,7 +23,7 @@ from model.bundle import load_bundle
 from model.default import build_default_bundle
 from model.export import sample_photos
 from model.images import decode_image
-from model.predictor import Predictor
+from model.predictor import TorchPredictor
 from model.transforms import build_eval_transform
 
 
@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         bundle, model = load_bundle(path)
     else:
         bundle, model = build_default_bundle(), None
-    predictor = Predictor(bundle, model, device="cpu", num_threads=args.threads or None)
+    predictor = TorchPredictor(bundle, model, device="cpu", num_threads=args.threads or None)
     prep = bundle.preprocessing
     transform = build_eval_transform(prep)
 

@@ -251,7 +251,8 @@ def prepare_model_dir(bundle: Path, backend: str, folder: Path) -> Path | None:
     (folder / "default.pth").symlink_to(bundle.resolve())
     if backend != "onnx":
         return None
-    from model.onnx_files import export_for_serving, exported_sha, file_sha256, onnx_candidates
+    from model.files import file_sha256
+    from serving.exports import export_for_serving, exported_sha, onnx_candidates
 
     sha = file_sha256(bundle)
     for path in onnx_candidates(folder / "default.pth"):

@@ -16,22 +16,33 @@ With ``--container NAME`` it also checks, through the docker CLI, what only the 
   versions requirements-serve.txt pins (and the CPU-only build, --cpu-torch, for an image built with
   the default TORCH_INDEX_URL), no compiler and no apt package lists, and /app holds the
   service's files and none of tests/, training/, bench/...;
-- the healthcheck script answers 0 when run in the container, and Docker's own verdict turns healthy.
+- the healthcheck script answers 0 when run in the container, and Docker's own verdict turns healthy;
+- the image's org.opencontainers.image.* labels carry the repository's version (model/version.py), the
+  revision given with ``--revision`` and the licence, as GET /version does.
+
+With ``--stress`` it then sends what the production envelope must survive: a worst-case input (a 40 MP
+16-bit greyscale PNG, ~80 KB on the wire) and a burst of concurrent predictions; every answer must be a
+200, a 413 (over the image's pixel limits) or a 503 ``busy`` (admission control), and the service must
+still be live and ready afterwards. docker-check then reports whether the container was OOM-killed or
+restarted, and fails if it was: run it with ``DOCKER_RUN_ENV="--memory ... --cpus 2"``.
 Prints what it got; exits 1 on the first failed check.
 
     PORT=18080 .venv/bin/python deploy/smoke.py
     PORT=18080 .venv/bin/python deploy/smoke.py --container docker-check-smoke --read-only
+    PORT=18080 .venv/bin/python deploy/smoke.py --revision "$(git rev-parse HEAD)" --stress
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +172,74 @@ def run(base: str, image: Path, ready_timeout: float, expect_model: str | None =
         check(got.status_code == 200 and len(got.content) > 0, f"{url} is not served from the image")
 
 
+def version_of_repo() -> str:
+    sys.path.insert(0, str(REPO))
+    from model import version as release  # the repository's version, with the repository on the path
+
+    return release.__version__
+
+
+def check_version(base: str, revision: str | None) -> None:
+    """GET /version answers the repository's version and the revision the image was built from."""
+    got = requests.get(f"{base}/version", timeout=5)
+    print(f"GET /version -> {got.status_code} {got.text.strip()}")
+    expected = {"version": version_of_repo(), "revision": revision}
+    check(got.status_code == 200 and got.json() == expected, f"/version is not {expected}")
+
+
+def check_labels(image: dict[str, Any], revision: str | None) -> None:
+    labels = image.get("Labels") or {}
+    expected = {
+        "org.opencontainers.image.version": version_of_repo(),
+        "org.opencontainers.image.licenses": "Apache-2.0",
+        "org.opencontainers.image.revision": revision or "unknown",
+    }
+    print("labels: " + ", ".join(f"{k.rsplit('.', 1)[1]}={labels.get(k)}" for k in expected))
+    wrong = {k: labels.get(k) for k, v in expected.items() if labels.get(k) != v}
+    check(not wrong, f"image labels {wrong} differ from {expected}")
+
+
+def worst_case_png() -> bytes:
+    """A 40 MP 16-bit greyscale PNG: about 80 KB on the wire, 80 MB as pixels, more as floats."""
+    import numpy as np
+    from PIL import Image
+
+    width, height = 8000, 5000
+    ramp = np.linspace(0, 65535, width, dtype=np.uint16)
+    img = Image.fromarray(np.broadcast_to(ramp, (height, width)).copy(), mode="I;16")
+    out = io.BytesIO()
+    img.save(out, format="PNG", compress_level=9)
+    return out.getvalue()
+
+
+def stress(base: str, image: Path, burst: int) -> None:
+    """The worst-case input, then ``burst`` concurrent predictions; the service must stay up and ready."""
+    allowed = {200, 413, 503}
+    body = worst_case_png()
+    started = time.perf_counter()
+    got = requests.post(f"{base}/predict", files={"file": ("worst.png", body, "image/png")}, timeout=120)
+    seconds = time.perf_counter() - started
+    print(f"POST /predict 40 MP 16-bit PNG ({len(body):,} bytes) -> {got.status_code} in {seconds:.1f} s")
+    check(got.status_code in allowed, f"the worst-case input got {got.status_code}: {got.text[:300]}")
+    photo = image.read_bytes()
+
+    def one(_: int) -> int:
+        response = requests.post(f"{base}/predict", files={"file": (image.name, photo, "image/png")}, timeout=120)
+        if response.status_code == 503:
+            check(response.json()["error"]["code"] == "busy" and "Retry-After" in response.headers, "a 503 not 'busy'")
+        return response.status_code
+
+    with ThreadPoolExecutor(burst) as pool:
+        statuses = list(pool.map(one, range(burst * 4)))
+    counts = {code: statuses.count(code) for code in sorted(set(statuses))}
+    print(f"burst: {len(statuses)} requests from {burst} clients -> {counts}")
+    check(set(statuses) <= {200, 503} and counts.get(200, 0) > 0, f"the burst got {counts}")
+    for path in ("/healthz", "/readyz"):
+        after = requests.get(f"{base}{path}", timeout=5)
+        check(after.status_code == 200, f"{path} is {after.status_code} after the stress")
+    print("after the stress: /healthz and /readyz 200")
+
+
 def docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)  # noqa: S603,S607
 
@@ -269,7 +348,9 @@ def wait_healthy(container: str, timeout: float) -> str:
         time.sleep(2)
 
 
-def check_container(container: str, read_only: bool, health_timeout: float, cpu_torch: bool = False) -> None:
+def check_container(
+    container: str, read_only: bool, health_timeout: float, cpu_torch: bool = False, revision: str | None = None
+) -> None:
     sys.path.insert(0, str(REPO))
     from serving.config import DEFAULTS  # the repository's settings, with the repository on the path
 
@@ -279,6 +360,7 @@ def check_container(container: str, read_only: bool, health_timeout: float, cpu_
     print(f"image: user {image.get('User')}, ports {sorted(image.get('ExposedPorts') or {})}, cmd {image.get('Cmd')}")
     problems = image_problems(image, set(DEFAULTS), k8s_expectations(K8S))
     check(not problems, "; ".join(problems))
+    check_labels(image, revision)
 
     probe = docker("exec", container, "python", "-c", PROBE, env.get("FLASK_MODEL_DIR", "/app/models"))
     check(probe.returncode == 0, f"the probe failed in the container: {probe.stderr[-2000:]}")
@@ -317,15 +399,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--health-timeout", type=float, default=90.0, help="seconds to wait for Docker's health verdict (default: 90)"
     )
+    p.add_argument(
+        "--revision", default=None, help="the source revision the image was built with (default: none, 'unknown')"
+    )
+    p.add_argument("--stress", action="store_true", help="then send a worst-case input and a burst (see above)")
+    p.add_argument("--burst", type=int, default=24, help="concurrent clients of --stress's burst (default: 24)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     base = f"http://127.0.0.1:{args.port}"
     try:
-        run(base, args.image or chelsea_png(), args.ready_timeout, args.expect_model)
+        image = args.image or chelsea_png()
+        run(base, image, args.ready_timeout, args.expect_model)
+        check_version(base, args.revision)
         if args.container:
-            check_container(args.container, args.read_only, args.health_timeout, args.cpu_torch)
+            check_container(args.container, args.read_only, args.health_timeout, args.cpu_torch, args.revision)
+        if args.stress:
+            stress(base, image, args.burst)
     except (
         SmokeFailure,
         requests.RequestException,

@@ -14,15 +14,17 @@ import logging
 import os
 import pickle
 import platform
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import PIL
 import torch
+import torchvision
 
 from model import version as release
+from model.files import atomic_write
 from model.preprocessing import Preprocessing
 from model.registry import build_model, find_head, is_known_architecture
 
@@ -179,9 +181,6 @@ def plain(obj: Any) -> Any:
 
 
 def library_versions() -> dict[str, str]:
-    import PIL
-    import torchvision
-
     return {
         "imgclf": release.__version__,
         "python": platform.python_version(),
@@ -196,38 +195,8 @@ def now_iso() -> str:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """Save so that a crash at any moment leaves either the old file or the new one, never half.
-
-    The temporary file lives in the destination folder (``os.replace`` is atomic only within one
-    file system) and is fsynced before the rename; the folder is fsynced after it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_current_umask())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # some file systems do not allow opening a folder; the data is synced anyway
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """``torch.save`` through ``atomic_write``: a crash leaves the old file or the new one, never half."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_bundle(bundle: Bundle, path: str | os.PathLike[str]) -> None:

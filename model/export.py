@@ -24,11 +24,18 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
 
-from model.bundle import Bundle, _current_umask, load_bundle
-from model.export_metadata import METADATA_KEYS, ExportMetadata, metadata_from_bundle, parse_metadata
-from model.images import decode_image
+from model.bundle import Bundle, load_bundle
+from model.export_metadata import METADATA_KEYS, SHA_KEY, ExportMetadata, metadata_from_bundle, parse_metadata
+from model.files import atomic_write, file_sha256
+from model.images import IMAGE_SUFFIXES, decode_image
+from model.onnx_runner import OnnxPredictor, read_onnx_metadata
 from model.preprocessing import Preprocessing
 from model.transforms import build_eval_transform
 
@@ -40,7 +47,6 @@ EXPORTERS = ("auto", "dynamo", "torchscript")
 DEFAULT_OPSET = 18
 FIRST_DYNAMO_OPSET = 18
 FP32_TOLERANCE = 1e-4
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 # Real photos that ship inside dev dependencies: (package, path inside it).
@@ -110,10 +116,8 @@ def export_onnx(
 ) -> Path:
     """Write ``model`` as one self-describing ONNX file with a dynamic batch axis; returns the path.
 
-    ``extra_metadata``: more metadata properties, e.g. the bundle file's hash (model.onnx_files).
+    ``extra_metadata``: more metadata properties, e.g. the bundle file's hash (``SHA_KEY``).
     """
-    import onnx
-
     dynamo = _pick_exporter(opset, exporter)
     prep = bundle.preprocessing
     example = torch.randn(2, prep.channels, prep.crop, prep.crop)
@@ -155,38 +159,17 @@ def _default_opset(proto: Any) -> int:
 
 def write_onnx(proto: Any, out: str | os.PathLike[str], metadata: Mapping[str, str]) -> Path:
     """Set the metadata, run the full checker, and save as one file atomically."""
-    import onnx
-
     props = {p.key: p.value for p in proto.metadata_props}
     props.update(metadata)
     onnx.helper.set_model_props(proto, props)
     onnx.checker.check_model(proto, full_check=True)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp's 0600 would hide the file from a server's user
-        os.close(fd)
-        onnx.save_model(proto, tmp, save_as_external_data=False)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # serialised by hand: onnx.save_model takes a file object's name for a path, and ours is a descriptor
+    out = atomic_write(out, lambda f: f.write(proto.SerializeToString()))
     logger.info("wrote %s (opset %d, %.1f MB)", out, _default_opset(proto), out.stat().st_size / 1e6)
     return out
 
 
-def read_onnx_metadata(path: str | os.PathLike[str]) -> ExportMetadata:
-    """The parsed metadata of an exported ONNX file (class names, preprocessing, arch, temperature)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return parse_metadata({p.key: p.value for p in proto.metadata_props}, source=str(path))
-
-
-class _CalibrationReader:
+class _CalibrationReader(CalibrationDataReader):
     """Feeds calibration images, one per call, through the bundle's eval transform."""
 
     def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing, input_name: str) -> None:
@@ -211,20 +194,10 @@ def quantize_onnx(
     calib_paths: Sequence[Path] = (),
 ) -> Path:
     """int8 copy of an exported fp32 file; static mode calibrates activations on ``calib_paths``."""
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     if mode not in ("dynamic", "static"):
         raise ValueError("mode must be 'dynamic' or 'static'")
-    info = read_onnx_metadata(src)
-    metadata = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
+    metadata = read_onnx_metadata(src)
+    info = parse_metadata(metadata, source=str(src))
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         raw = Path(tmp) / "int8.onnx"
@@ -236,7 +209,6 @@ def quantize_onnx(
             if not calib_paths:
                 raise ValueError("static quantization needs calibration images (--calib DIR)")
             reader = _CalibrationReader(calib_paths, info.preprocessing, INPUT_NAME)
-            CalibrationDataReader.register(_CalibrationReader)
             quantize_static(
                 str(pre),
                 str(raw),
@@ -260,16 +232,8 @@ def export_torchscript(bundle: Bundle, model: torch.nn.Module, out: str | os.Pat
     other = torch.randn(3, prep.channels, prep.crop, prep.crop)
     with torch.no_grad():
         traced = torch.jit.trace(model.eval(), example, check_inputs=[(other,)])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.jit.save(traced, tmp, _extra_files=metadata_from_bundle(bundle))
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    extra = metadata_from_bundle(bundle)
+    out = atomic_write(out, lambda f: torch.jit.save(traced, f, _extra_files=extra))
     logger.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
     return out
 
@@ -301,9 +265,6 @@ def folder_accuracy(
     infer: Any, folder: str | os.PathLike[str], info: Bundle | ExportMetadata, batch_size: int = 32
 ) -> float:
     """Top-1 accuracy of ``infer`` (batch -> probs) on a labelled ImageFolder whose folders are class names."""
-    from torch.utils.data import DataLoader
-    from torchvision.datasets import ImageFolder
-
     prep = info.preprocessing
     dataset = ImageFolder(
         str(folder), transform=build_eval_transform(prep), loader=lambda p: decode_image(p, draft_size=prep.resize)
@@ -396,9 +357,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         with torch.inference_mode():
             report["fp32"] = {"file": str(out), **compare(reference, softmax_probs(module(batch), temperature))}
     else:
-        from model.onnx_files import SHA_KEY, file_sha256
-        from model.onnx_runner import OnnxPredictor
-
         sha = {SHA_KEY: file_sha256(args.bundle)}  # lets the service tell this export is of this bundle
         export_onnx(bundle, model, out, opset=args.opset, exporter=args.exporter, extra_metadata=sha)
         fp32 = OnnxPredictor(out, device="cpu", warmup=False)

@@ -16,6 +16,9 @@ from model.bundle import FORMAT_VERSION, Bundle, BundleError
 from model.preprocessing import Preprocessing
 
 METADATA_KEYS = ("class_names", "preprocessing", "arch", "temperature", "bundle_format_version")
+# The SHA-256 of the bundle file an ONNX export was made from: lets the service tell a current export
+# from a stale one (serving/exports.py).
+SHA_KEY = "bundle_sha256"
 
 
 @dataclass(frozen=True)

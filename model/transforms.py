@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
@@ -55,8 +56,6 @@ def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
 
 
 def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
-    import numpy as np
-
     arr = np.asarray(img, dtype=np.float64)
     if img.mode == "F":
         lo, hi = float(arr.min()), float(arr.max())

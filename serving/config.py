@@ -27,7 +27,8 @@ DEFAULTS: dict[str, Any] = {
     # auto | cpu | cuda
     "DEVICE": "auto",
     # onnx: ONNX Runtime runs each bundle's export (<stem>.onnx, made at start when missing or stale);
-    # torch: eager PyTorch. Same answers (probabilities within 1e-4), same batching; onnx is 3-7x faster here.
+    # torch: eager PyTorch. Same answers (probabilities within 1e-4), same batching; onnx is the faster
+    # backend on CPU (docs/performance.md).
     "BACKEND": "onnx",
     # folder for the .onnx exports; unset = beside each bundle (set it when the model folder is read-only)
     "ONNX_DIR": None,

@@ -7,19 +7,18 @@ file: a worker either serves every model it was given or none.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from model.bundle import BundleError
 from model.default import ensure_default_model
-from model.onnx_runner import OnnxPredictor
-from model.predictor import Predictor, configure_threads
+from model.files import file_lock
+from model.predictor import Predictor, TorchPredictor, configure_threads
 from serving.batching import Batcher
+from serving.exports import onnx_predictor_for_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ class ModelLoadError(RuntimeError):
 class ServedModel:
     """A predictor and the batcher in front of its ``infer``."""
 
-    def __init__(self, predictor: Predictor | OnnxPredictor, batcher: Batcher, load_seconds: float) -> None:
+    def __init__(self, predictor: Predictor, batcher: Batcher, load_seconds: float) -> None:
         self.predictor = predictor
         self.batcher = batcher
         self.load_seconds = load_seconds
@@ -71,8 +70,8 @@ class ModelRegistry:
     ) -> ModelRegistry:
         folder = Path(model_dir)
         if default == BUILT_IN_DEFAULT and not (folder / f"{default}.pth").exists():
-            try:
-                with _folder_lock(folder):  # several workers may start at once: one builds, the others wait
+            try:  # several workers may start at once: one builds, the others wait
+                with file_lock(folder / ".build.lock"):
                     ensure_default_model(folder / f"{default}.pth")
             except OSError as exc:  # e.g. a read-only mounted folder of the user's own bundles
                 raise ModelLoadError(
@@ -145,24 +144,13 @@ class ModelRegistry:
 
 def load_predictor(
     path: Path, backend: str, *, device: str, num_threads: int | None, onnx_dir: str | None
-) -> Predictor | OnnxPredictor:
+) -> Predictor:
     """One bundle, loaded and warm, on the chosen backend."""
     if backend == "torch":
-        return Predictor.from_file(path, device=device, num_threads=num_threads or None)
+        return TorchPredictor.from_file(path, device=device, num_threads=num_threads or None)
     if backend != "onnx":
         raise ValueError(f"unknown backend {backend!r}")
     # torch only preprocesses single images here: its own thread pool would just compete with ONNX
     # Runtime's for the same cores. ONNX Runtime's pool does not spin when idle, for the same reason.
     configure_threads(1)
-    return OnnxPredictor.for_bundle(path, onnx_dir=onnx_dir, device=device, num_threads=num_threads, spinning=False)
-
-
-@contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return onnx_predictor_for_bundle(path, onnx_dir=onnx_dir, device=device, num_threads=num_threads, spinning=False)

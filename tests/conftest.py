@@ -37,7 +37,9 @@ def default_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ensure_default_model(path)
     # its ONNX export beside it, once per session (what `make default-model` does): the service's default
     # backend finds it through the symlinks the tests make, instead of exporting it in every test folder
-    from model.onnx_files import SHA_KEY, exported_sha, file_sha256
+    from model.export_metadata import SHA_KEY
+    from model.files import file_sha256
+    from serving.exports import exported_sha
 
     sha, ready = file_sha256(path), existing.with_suffix(".onnx")
     if exported_sha(ready) == sha:

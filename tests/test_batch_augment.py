@@ -13,7 +13,7 @@ from torch.nn import functional as F  # noqa: N812 - the usual alias
 from model.bundle import load_bundle, make_bundle, save_bundle
 from model.export import export_onnx
 from model.onnx_runner import OnnxPredictor
-from model.predictor import Predictor
+from model.predictor import TorchPredictor
 from model.preprocessing import Preprocessing
 from model.simple_cnn import SimpleCNN
 from model.transforms import TrainAugment, build_eval_transform, build_normalize
@@ -149,7 +149,7 @@ def test_flip_tta_travels_with_the_bundle_to_predictor_and_onnx(photos, tmp_path
     x = build_eval_transform(loaded.preprocessing)(image)[None]
     expected = ((_logits(rebuilt, x, False) + _logits(rebuilt, x.flip(-1), False)) / 2).softmax(1)[0]
     rebuilt.tta_hflip = True
-    top = Predictor.from_file(tmp_path / "tta.pth", device="cpu").predict([image], top_k=4)[0]
+    top = TorchPredictor.from_file(tmp_path / "tta.pth", device="cpu").predict([image], top_k=4)[0]
     assert [p["index"] for p in top] == expected.argsort(descending=True).tolist()
     assert max(abs(p["score"] - expected[p["index"]].item()) for p in top) < 1e-5
     export_onnx(loaded, rebuilt, tmp_path / "tta.onnx")

@@ -202,7 +202,7 @@ def test_every_module_the_service_loads_is_in_the_image(model_dir):
 import sys
 from pathlib import Path
 
-import model.allocator  # imported by gunicorn.conf.py in each worker
+import serving.allocator  # imported by gunicorn.conf.py in each worker
 from app import create_app
 
 create_app({"MODEL_DIR": sys.argv[1]})
@@ -314,6 +314,24 @@ def test_the_ci_smoke_test_passes_on_the_real_service(port, capsys):
     assert "smoke test passed" in out
     assert smoke.main(parser.parse_args(["--port", str(port), "--expect-model", "mine"])) == 1
     assert "answered by 'default', not 'mine'" in capsys.readouterr().err
+
+
+def test_the_smoke_test_checks_the_version_and_the_image_labels(port, capsys):
+    from model import version as release
+
+    parser = smoke.get_args_parser()
+    assert smoke.main(parser.parse_args(["--port", str(port), "--revision", "abc123"])) == 1
+    assert "/version is not" in capsys.readouterr().err  # this service was started without a revision
+    labels = {
+        "org.opencontainers.image.version": release.__version__,
+        "org.opencontainers.image.licenses": "Apache-2.0",
+        "org.opencontainers.image.revision": "abc123",
+    }
+    smoke.check_labels({"Labels": labels}, "abc123")
+    with pytest.raises(smoke.SmokeFailure, match="differ"):
+        smoke.check_labels({"Labels": {**labels, "org.opencontainers.image.version": "0.0.0"}}, "abc123")
+    with pytest.raises(smoke.SmokeFailure, match="differ"):
+        smoke.check_labels({"Labels": labels}, None)  # built without a revision: the label must say unknown
 
 
 def test_the_ci_smoke_test_fails_when_the_answer_is_not_a_cat(tmp_path, capsys):

@@ -14,8 +14,9 @@ import torch
 
 from model.bundle import BundleError, load_bundle, make_bundle, save_bundle
 from model.default import ensure_default_model
-from model.export import get_args_parser, load_batch, load_torchscript, main, read_onnx_metadata, sample_photos
-from model.onnx_runner import OnnxPredictor
+from model.export import get_args_parser, load_batch, load_torchscript, main, sample_photos
+from model.export_metadata import parse_metadata
+from model.onnx_runner import OnnxPredictor, read_onnx_metadata
 from model.preprocessing import Preprocessing
 from model.registry import build_model
 from model.transforms import build_eval_transform
@@ -82,7 +83,7 @@ def test_onnx_file_is_one_checked_file_with_metadata(onnx_export: dict, torch_de
     onnx.checker.check_model(proto, full_check=True)
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch dimension
-    meta = read_onnx_metadata(path)
+    meta = parse_metadata(read_onnx_metadata(path))
     assert meta.class_names == bundle.class_names
     assert meta.preprocessing == bundle.preprocessing
     assert (meta.arch, meta.arch_kwargs) == (bundle.arch, bundle.arch_kwargs)

@@ -160,7 +160,7 @@ def test_slow_clients_do_not_block_others(server: GunicornServer) -> None:
 
 def test_clients_that_linger_after_the_answer_do_not_stall_the_worker(server: GunicornServer) -> None:
     """gunicorn's graceful close waited up to 2 s per such client on the worker's main thread (10 of
-    them stalled every other client for ~16 s); serving.worker closes without lingering."""
+    them stalled every other client for seconds); serving.worker closes without lingering."""
     lingering = []
     try:
         for _ in range(10):

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from app import create_app
-from model.onnx_files import SHA_KEY, file_sha256
-from model.onnx_runner import read_metadata
+from model.export_metadata import SHA_KEY
+from model.files import file_sha256
+from model.onnx_runner import read_onnx_metadata
 from serving.config import ConfigError
 from serving.launcher import GunicornServer
 from tests.support.bundles import tiny_bundle
@@ -70,13 +71,13 @@ def test_onnx_export_is_made_at_start_and_redone_when_the_bundle_changes(tmp_pat
     config = {"MODEL_DIR": str(tmp_path), "DEFAULT_MODEL": "tiny", "BACKEND": "onnx"}
     first = create_app(config)
     exported = tmp_path / "tiny.onnx"
-    assert read_metadata(exported)[SHA_KEY] == file_sha256(bundle)
+    assert read_onnx_metadata(exported)[SHA_KEY] == file_sha256(bundle)
     before = ask(first, photos["coffee"].read_bytes(), top_k=3)
     first.extensions["imgclf.models"].close()
 
     tiny_bundle(bundle, TINY_CLASSES, seed=2)  # retrained: same name, other weights
     second = create_app(config)
-    assert read_metadata(exported)[SHA_KEY] == file_sha256(bundle)
+    assert read_onnx_metadata(exported)[SHA_KEY] == file_sha256(bundle)
     after = ask(second, photos["coffee"].read_bytes(), top_k=3)
     torch_app = create_app({**config, "BACKEND": "torch"})
     expected = ask(torch_app, photos["coffee"].read_bytes(), top_k=3)
@@ -96,7 +97,7 @@ def test_corrupt_export_is_replaced_and_onnx_dir_is_honoured(tmp_path: Path) -> 
     (exports / "tiny.onnx").write_bytes(b"not an onnx file")
     app = create_app({"MODEL_DIR": str(models), "DEFAULT_MODEL": "tiny", "ONNX_DIR": str(exports)})
     assert not (models / "tiny.onnx").exists()
-    assert read_metadata(exports / "tiny.onnx")[SHA_KEY] == file_sha256(models / "tiny.pth")
+    assert read_onnx_metadata(exports / "tiny.onnx")[SHA_KEY] == file_sha256(models / "tiny.pth")
     app.extensions["imgclf.models"].close()
 
 
@@ -162,20 +163,19 @@ def test_read_only_model_folder_exports_to_a_temporary_folder(tmp_path: Path, mo
     # A read-only mount cannot be made for root here: the file system's refusal is simulated.
     import tempfile
 
-    import model.onnx_files
-    from model.onnx_runner import OnnxPredictor
+    from serving import exports
 
     bundle = tiny_bundle(tmp_path / "models" / "mine.pth", ["a", "b"])
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    real_export = model.onnx_files.export_for_serving
+    real_export = exports.export_for_serving
 
     def read_only_beside_bundles(bundle_path, out, sha):
         if out.parent == bundle.parent:
             raise OSError(30, "Read-only file system", str(out))
         return real_export(bundle_path, out, sha)
 
-    monkeypatch.setattr(model.onnx_files, "export_for_serving", read_only_beside_bundles)
-    predictor = OnnxPredictor.for_bundle(bundle, num_threads=1)
+    monkeypatch.setattr(exports, "export_for_serving", read_only_beside_bundles)
+    predictor = exports.onnx_predictor_for_bundle(bundle, num_threads=1)
     assert predictor.path == tmp_path / "tmp" / "imgclf-onnx" / "mine.onnx"
-    assert read_metadata(predictor.path)[SHA_KEY] == file_sha256(bundle)
+    assert read_onnx_metadata(predictor.path)[SHA_KEY] == file_sha256(bundle)
     assert not (bundle.parent / "mine.onnx").exists()

@@ -10,7 +10,8 @@ from PIL import Image
 
 from model.bundle import read_bundle
 from model.images import decode_image
-from model.predictor import Predictor, available_cpus, resolve_device
+from model.onnx_runner import OnnxPredictor
+from model.predictor import Predictor, TorchPredictor, available_cpus, resolve_device
 from tests.support.bundles import tiny_bundle
 
 CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat"}
@@ -18,7 +19,7 @@ CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat"}
 
 @pytest.fixture(scope="module")
 def default_predictor(default_bundle) -> Predictor:
-    return Predictor.from_file(default_bundle, device="cpu")
+    return TorchPredictor.from_file(default_bundle, device="cpu")
 
 
 def test_default_model_knows_a_cat_and_an_espresso(default_predictor: Predictor, photos) -> None:
@@ -48,7 +49,7 @@ def test_steps_are_separate_and_consistent(default_predictor: Predictor, photos)
 
 
 def test_top_k_is_clamped(tmp_path) -> None:
-    predictor = Predictor.from_file(tiny_bundle(tmp_path / "t.pth", ["a", "b", "c"]), device="cpu")
+    predictor = TorchPredictor.from_file(tiny_bundle(tmp_path / "t.pth", ["a", "b", "c"]), device="cpu")
     result = predictor.predict([Image.new("RGB", (40, 30), "red")], top_k=50)
     assert len(result[0]) == 3
     assert predictor.describe()["class_names"] == ["a", "b", "c"]
@@ -58,8 +59,8 @@ def test_temperature_changes_scores_not_ranking(tmp_path) -> None:
     path = tiny_bundle(tmp_path / "t.pth", ["a", "b", "c", "d"], seed=5)
     bundle = read_bundle(path)
     img = [Image.new("RGB", (32, 32), (10, 200, 30))]
-    plain = Predictor(bundle, device="cpu").predict(img, top_k=4)[0]
-    soft = Predictor(dataclasses.replace(bundle, temperature=3.0), device="cpu").predict(img, top_k=4)[0]
+    plain = TorchPredictor(bundle, device="cpu").predict(img, top_k=4)[0]
+    soft = TorchPredictor(dataclasses.replace(bundle, temperature=3.0), device="cpu").predict(img, top_k=4)[0]
     assert [p["label"] for p in plain] == [p["label"] for p in soft]
     assert soft[0]["score"] < plain[0]["score"]
 
@@ -76,5 +77,22 @@ def test_device_selection() -> None:
 
 
 def test_threads_follow_affinity(tmp_path) -> None:
-    predictor = Predictor.from_file(tiny_bundle(tmp_path / "t.pth", ["a", "b"]), device="cpu")
+    predictor = TorchPredictor.from_file(tiny_bundle(tmp_path / "t.pth", ["a", "b"]), device="cpu")
     assert predictor.num_threads == available_cpus() == torch.get_num_threads()
+
+
+def test_torch_and_onnx_share_one_predictor_base(default_bundle, photos) -> None:
+    """Both backends are a Predictor that differs only in loading and ``infer``: same steps, same answers."""
+    with pytest.raises(TypeError, match="abstract"):
+        Predictor()  # type: ignore[abstract] - only a backend's subclass can be made
+    eager = TorchPredictor.from_file(default_bundle, device="cpu", warmup=False)
+    onnx = OnnxPredictor(default_bundle.with_suffix(".onnx"), device="cpu", warmup=False)
+    for predictor in (eager, onnx):
+        assert isinstance(predictor, Predictor)
+        for shared in ("preprocess", "postprocess", "predict", "warm_up", "input_shape"):
+            assert shared not in type(predictor).__dict__, f"{type(predictor).__name__} redefines {shared}"
+    same = ("name", "arch", "num_classes", "class_names", "preprocessing", "temperature")
+    assert {k: eager.describe()[k] for k in same} == {k: onnx.describe()[k] for k in same}
+    assert (eager.describe()["backend"], onnx.describe()["backend"]) == ("torch", "onnx")
+    images = [decode_image(photos["chelsea"])]
+    assert [p["label"] for p in eager.predict(images)[0]] == [p["label"] for p in onnx.predict(images)[0]]

@@ -15,12 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from model import prune, sparsity
 from model.bundle import load_bundle, read_bundle
-from model.predictor import Predictor
+from model.predictor import TorchPredictor
 from model.preprocessing import Preprocessing
 from tests.support import ROOT
-from training import compare, evaluate, train, tune
+from training import compare, evaluate, prune, sparsity, train, tune
 from training.calibration import expected_calibration_error, fit_temperature
 from training.distill import DistillationLoss, Teacher, adapt_batch
 
@@ -250,8 +249,8 @@ def test_calibrate_stores_a_temperature_that_changes_scores_not_ranking(
             assert img.size[0] > 100
 
     images = [Image.open(p) for p in sorted((fashion_subset / "test" / "Bag").glob("*.png"))[:4]]
-    raw = Predictor.from_file(trained, device="cpu", warmup=False).predict(images, top_k=10)
-    cal = Predictor.from_file(bundle_path, device="cpu", warmup=False).predict(images, top_k=10)
+    raw = TorchPredictor.from_file(trained, device="cpu", warmup=False).predict(images, top_k=10)
+    cal = TorchPredictor.from_file(bundle_path, device="cpu", warmup=False).predict(images, top_k=10)
     for r, c in zip(raw, cal, strict=True):
         assert [p["label"] for p in r] == [p["label"] for p in c]
         assert [p["score"] for p in r] != [p["score"] for p in c]

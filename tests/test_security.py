@@ -13,6 +13,7 @@ from flask import Response
 from PIL import Image
 
 from app import create_app
+from model.preprocessing import Preprocessing
 from model.transforms import LimitAspectRatio, build_eval_transform
 from serving import api
 from serving.http import content_security_policy
@@ -94,8 +95,7 @@ def test_a_view_may_set_its_own_csp_but_never_allow_framing(tiny_dir: Path) -> N
 
 
 def test_aspect_ratio_cut_keeps_what_the_model_sees(photos) -> None:
-    prep = {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
-            "channels": 3}  # fmt: skip
+    prep = Preprocessing(resize=256, crop=224, mean=[0.5] * 3, std=[0.5] * 3, interpolation="bilinear", channels=3)
     full = build_eval_transform(prep)
     uncut = type(full)([t for t in full.transforms if not isinstance(t, LimitAspectRatio)])
     photo = Image.open(photos["china"]).convert("RGB")  # 640x427

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app import create_app
-from model.predictor import Predictor
+from model.predictor import Predictor, TorchPredictor
 from serving.batching import Batcher, BatcherClosed
 from tests.support.bundles import tiny_bundle
 from tests.support.service import metric_samples
@@ -21,7 +21,7 @@ PHOTOS = ("chelsea", "coffee", "astronaut", "china", "flower", "chelsea", "coffe
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
     path = tiny_bundle(tmp_path_factory.mktemp("tiny") / "tiny.pth", ["a", "b", "c", "d"])
-    return Predictor.from_file(path, device="cpu")
+    return TorchPredictor.from_file(path, device="cpu")
 
 
 class Recorder:
@@ -137,7 +137,7 @@ def test_malloc_keeps_freed_memory_on_glibc() -> None:
     """What gunicorn.conf.py's post_fork runs: glibc takes both thresholds and a 48 MiB block stays in the heap."""
     import platform
 
-    from model.allocator import mmap_probe, tune_glibc_malloc
+    from serving.allocator import mmap_probe, tune_glibc_malloc
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         assert tune_glibc_malloc() == {"mmap_threshold": None, "trim_threshold": None, "probe_mmapped": None}

@@ -8,7 +8,7 @@ Every architecture gets the same data, epochs and extra flags (after ``--``) thr
 from scratch (torchvision's ImageNet weights need the internet). Writes ``compare.md`` (a Markdown
 table), ``compare.json`` and ``accuracy_vs_speed.png`` to OUT; each run stays in OUT/ARCH.
 
-CPU images/s: the bundle's model through the Predictor (eval mode, inference_mode, the preprocessed
+CPU images/s: the bundle's model through the TorchPredictor (eval mode, inference_mode, the preprocessed
 batch already in memory, so decoding is not counted), batches of ``--bench-batch``, with
 ``--bench-threads`` threads; on a shared machine the figure moves with the other load.
 """
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from model.bundle import read_bundle
-from model.predictor import Predictor
+from model.predictor import TorchPredictor
 from training import train
 
 logger = logging.getLogger("training.compare")
@@ -60,7 +60,7 @@ def pretrained_for(arch: str, choice: str) -> str:
 
 
 def cpu_images_per_second(bundle_path: Path, batch: int, seconds: float, threads: int | None) -> float:
-    predictor = Predictor.from_file(bundle_path, device="cpu", num_threads=threads)
+    predictor = TorchPredictor.from_file(bundle_path, device="cpu", num_threads=threads)
     x = torch.randn(batch, *predictor.input_shape)
     predictor.infer(x)
     done, started = 0, time.perf_counter()

@@ -22,11 +22,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from model.images import decode_image
+from model.images import IMAGE_SUFFIXES, decode_image
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 VAL_NAMES = ("val", "valid", "validation")
 # Training data is the operator's own: allow large photos, but keep Pillow's bomb guard on.
 TRAIN_MAX_PIXELS = 200_000_000
@@ -53,7 +52,7 @@ class Splits:
 
 
 def is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
 def scan_imagefolder(root: Path, class_names: Sequence[str] | None = None) -> tuple[list[str], list[Sample]]:

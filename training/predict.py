@@ -14,7 +14,7 @@ from typing import Any
 
 from model.bundle import BundleError
 from model.images import ImageDecodeError, decode_image
-from model.predictor import Predictor
+from model.predictor import TorchPredictor
 
 logger = logging.getLogger("training.predict")
 
@@ -35,7 +35,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.top_k < 1:
         raise SystemExit("--top-k must be at least 1")
     try:
-        predictor = Predictor.from_file(args.bundle, device=args.device, num_threads=args.threads, warmup=False)
+        predictor = TorchPredictor.from_file(args.bundle, device=args.device, num_threads=args.threads, warmup=False)
     except BundleError as exc:
         raise SystemExit(str(exc)) from None
     results: list[dict[str, Any]] = []

@@ -46,7 +46,6 @@ from model.bundle import (
 from model.predictor import available_cpus, resolve_device
 from model.preprocessing import Preprocessing
 from model.registry import PRETRAINED_CHOICES, build_model, find_head, list_architectures, pretrained_preprocessing
-from model.sparsity import apply_masks, zero_masks
 from model.transforms import AUTO_AUGMENTS, CROP_MODES, TrainAugment, build_eval_transform, build_train_transform
 from training.batch_augment import BatchAugment, TensorImageDataset
 from training.data import ImageListDataset, Splits, balanced_weights, find_splits, image_statistics
@@ -54,6 +53,7 @@ from training.distill import DistillationLoss, Teacher
 from training.engine import evaluate, train_one_epoch
 from training.evaluate import write_report
 from training.plots import plot_curves
+from training.sparsity import apply_masks, zero_masks
 
 logger = logging.getLogger("training.train")
 

@@ -1,6 +1,6 @@
 """Prune a bundle's weights by magnitude (torch.nn.utils.prune) and write a plain bundle again.
 
-    python -m model.prune --bundle runs/x/best.pth --amount 0.3 --out runs/x/pruned.pth [--structured]
+    python -m training.prune --bundle runs/x/best.pth --amount 0.3 --out runs/x/pruned.pth [--structured]
     python -m training.train --data DIR --init-from runs/x/pruned.pth --keep-zeros --epochs 1 --out runs/x-ft
 
 Unstructured (default): in every Conv/Linear layer but the classifier head, the ``amount`` fraction of
@@ -25,7 +25,7 @@ from torch.nn.utils import prune
 
 from model.bundle import load_bundle, make_bundle, save_bundle
 from model.registry import find_head
-from model.sparsity import file_sizes, sparsity
+from training.sparsity import file_sizes, sparsity
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """How sparse is a model, and keeping its zeros zero while it trains further.
 
-    python -m model.sparsity runs/pruned/best.pth [more.pth ...]
+    python -m training.sparsity runs/pruned/best.pth [more.pth ...]
 
 A pruned bundle is a dense state_dict with exact zeros: the file is not smaller, but it compresses (the
 gzip size is reported) and sparse kernels could skip the zeros. Only weight matrices and kernels count
@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from model.bundle import read_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +76,6 @@ def file_sizes(path: str | os.PathLike[str]) -> dict[str, int]:
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    from model.bundle import read_bundle
-
     bundle = read_bundle(path)
     return {"bundle": str(path), **sparsity(bundle.state_dict), **file_sizes(path)}
 
