@@ -32,8 +32,7 @@ def test_sigterm_turns_readiness_503_and_finishes_the_requests_in_flight(tmp_pat
     server = GunicornServer(
         tmp_path,
         tmp_path / "gunicorn.log",
-        workers=1,
-        threads=4,
+        workers=1,  # and gunicorn.conf.py's 8 request threads: 6 admitted, more than the 3 requests here
         app=SLOW_APP,
         env={"FLASK_DEFAULT_MODEL": "clouds", "IMGCLF_TEST_INFER_DELAY_S": "2"},
     ).start()
