@@ -1,12 +1,13 @@
-"""Run the README's Fashion-MNIST recipes and report test accuracy and wall time (JSON + a table).
+"""Run the Fashion-MNIST recipes and report test accuracy and wall time (JSON + a table).
 
     python bench/train_fashion_mnist.py [--recipe small|long|small-bf16|distilled|all] [--data data/fashion-mnist]
 
-Each recipe is one `python -m training.train` command, exactly as the README prints it; the test split
-(Fashion-MNIST's own 10,000 test images) is evaluated by training.train at the end of the run.
-`small-bf16` and `distilled` are the model quality toolkit's equal-time comparison: the small recipe's
-network given the small recipe's wall time, trained in bfloat16 (more epochs fit), without and with
-the long recipe's model as teacher (run `--recipe long` first).
+Each recipe is a file, configs/RECIPE.toml, run as one `python -m training.train --config
+configs/RECIPE.toml --data DATA --out RUNS/fashion-RECIPE` command; the test split (Fashion-MNIST's own
+10,000 test images) is evaluated by training.train at the end of the run. `small-bf16` and
+`distilled` are the model quality toolkit's equal-time comparison: the small recipe's network given
+the small recipe's wall time, trained in bfloat16 (more epochs fit), without and with the long
+recipe's model as teacher (run `--recipe long` first; the teacher is taken from this bench's --runs).
 """
 
 from __future__ import annotations
@@ -17,31 +18,34 @@ import shlex
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = {
-    # The default small recipe: the README's quick training example.
-    "small": "--arch simple_cnn --epochs 10 --cache --channels-last",
-    # A longer recipe: twice the width (4x the compute, trained in bfloat16), batches augmented on the
-    # tensor (no per-image worker competing for the cores), random erasing, 95 % of the train images,
-    # and flip test-time augmentation built into the network.
-    "long": '--arch simple_cnn --arch-kwargs \'{"width": 64, "tta_hflip": true}\' --epochs 44'
-    " --val-split 0.05 --random-erasing 0.5 --amp on --batch-aug --channels-last",
-    # Equal-time comparison against "small": bfloat16 alone, then bfloat16 + distillation from "long".
-    "small-bf16": "--arch simple_cnn --epochs 14 --cache --channels-last --amp on",
-    "distilled": "--arch simple_cnn --epochs 8 --cache --channels-last --amp on"
-    " --distill-from {runs}/fashion-long/best.pth --distill-alpha 0.9",
-}
+RECIPES = ("small", "long", "small-bf16", "distilled")  # configs/NAME.toml, in the order of the table
 
 
-def recipe_args(recipe: str, runs: str) -> str:
-    return RECIPES[recipe].replace("{runs}", runs)
+def recipe_file(recipe: str) -> str:
+    return f"configs/{recipe}.toml"
 
 
 def command(recipe: str, data: str, out: str, runs: str = "runs/bench") -> list[str]:
-    return [sys.executable, "-m", "training.train", "--data", data, "--out", out, "--quiet",
-            *shlex.split(recipe_args(recipe, runs))]  # fmt: skip
+    cmd = [sys.executable, "-m", "training.train", "--config", recipe_file(recipe), "--data", data, "--out", out,
+           "--quiet"]  # fmt: skip
+    teacher = teacher_path(recipe, runs)
+    if teacher and teacher != _options(recipe)["distill_from"]:
+        cmd += ["--distill-from", teacher]
+    return cmd
+
+
+def teacher_path(recipe: str, runs: str) -> str | None:
+    """A distillation recipe learns from the long recipe's model in this bench's run folder."""
+    return str(Path(runs) / "fashion-long" / "best.pth") if "distill_from" in _options(recipe) else None
+
+
+def _options(recipe: str) -> dict:
+    # read here only for the teacher's path; training.train checks every value when it loads the file
+    return tomllib.loads((ROOT / recipe_file(recipe)).read_text())
 
 
 def main() -> None:
@@ -56,7 +60,7 @@ def main() -> None:
     for recipe in RECIPES if args.recipe == "all" else [args.recipe]:
         out = Path(args.runs) / f"fashion-{recipe}"
         cmd = command(recipe, args.data, str(out), args.runs)
-        teacher = cmd[cmd.index("--distill-from") + 1] if "--distill-from" in cmd else None
+        teacher = teacher_path(recipe, args.runs)
         if teacher and not (ROOT / teacher).is_file():
             sys.exit(f"{recipe}: the teacher {teacher} is missing; run --recipe long first")
         started = time.perf_counter()

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from training import train
+from training import fit, recipes, train
 
 
 def die() -> None:
@@ -27,7 +27,7 @@ def die() -> None:
 
 
 def kill_in_epoch(epoch: int, after_batches: int) -> None:
-    real = train.train_one_epoch
+    real = fit.train_one_epoch
     calls = {"n": 0}
 
     def train_one_epoch(model, loader, *args, **kwargs):
@@ -43,7 +43,7 @@ def kill_in_epoch(epoch: int, after_batches: int) -> None:
 
         return real(model, batches(), *args, **kwargs)
 
-    train.train_one_epoch = train_one_epoch
+    fit.train_one_epoch = train_one_epoch
 
 
 def kill_in_write(name: str, nth: int) -> None:
@@ -79,7 +79,7 @@ def main(argv: list[str]) -> None:
         kill_in_write(first, int(second))
     else:
         raise SystemExit(f"unknown mode {where}")
-    train.main(train.get_args_parser().parse_args(args))
+    train.main(recipes.parse_args(train.get_args_parser(), args))
 
 
 if __name__ == "__main__":

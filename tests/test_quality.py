@@ -22,6 +22,7 @@ from tests.support import ROOT
 from training import compare, evaluate, prune, sparsity, train, tune
 from training.calibration import expected_calibration_error, fit_temperature
 from training.distill import DistillationLoss, Teacher, adapt_batch
+from training.recipes import DEFAULT_RECIPE, load_recipe
 
 SMALL = ["--arch-kwargs", '{"width": 8, "stages": 2}']
 FAST = ["--epochs", "1", "--batch-size", "16", "--quiet", "--workers", "0", "--seed", "1"]
@@ -68,7 +69,14 @@ def test_tune_writes_a_runnable_best_command_and_plots_and_resumes(fashion_subse
 
     storage = f"sqlite:///{out / 'study.db'}"
     first = optuna.load_study(study_name="tune-simple_cnn", storage=storage).trials[0]
-    assert first.params == tune.DEFAULT_RECIPE  # the search starts from the default recipe
+    # the search starts from the default recipe file: its values, lr and wd as training resolves them...
+    recipe = load_recipe(DEFAULT_RECIPE)
+    assert set(first.params) == set(tune.SEARCHED)
+    assert all(first.params[k] == v for k, v in recipe.items() if k in first.params), first.params
+    assert (first.params["lr"], first.params["wd"]) == (0.1, 5e-4)  # the flags' defaults: SGD from scratch, batch 128
+    # ...and that is what its first trial ran (a config built in code, saved by the run)
+    ran = json.loads((Path(first.user_attrs["out"]) / "args.json").read_text())
+    assert first.params == {k: ran[k] for k in first.params}
     assert 0 <= summary["best_value"] <= 1
     command = (out / "best_command.txt").read_text().strip()
     argv = shlex.split(command)

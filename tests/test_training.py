@@ -1,7 +1,9 @@
-"""Training end to end on tiny real Fashion-MNIST subsets: layouts, transfer learning, resume, torchrun, CLIs."""
+"""Training end to end on tiny real Fashion-MNIST subsets: layouts, transfer learning, resume, torchrun, CLIs,
+recipe files and the resolved config a run saves."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,13 +16,14 @@ import torch
 
 from model.bundle import Bundle, load_bundle, read_bundle
 from tests.support import ROOT
-from training import evaluate, predict, prepare_fashion_mnist, train
+from training import evaluate, flags, predict, prepare_fashion_mnist, recipes, train
+from training.config import TrainConfig, autocast_dtype
 
 FAST = ["--epochs", "1", "--batch-size", "16", "--quiet", "--workers", "0", "--seed", "1"]
 
 
 def run_train(*argv: str) -> dict:
-    return train.main(train.get_args_parser().parse_args(list(argv)))
+    return train.main(recipes.parse_args(train.get_args_parser(), list(argv)))
 
 
 def _check_run(out: Path, classes: list[str]) -> Bundle:
@@ -238,5 +241,118 @@ def test_bfloat16_training_on_cpu(fashion_subset: Path, tmp_path: Path, monkeypa
     weights = read_bundle(out / "best.pth").state_dict
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert train.autocast_dtype("auto", cpu) is None and train.autocast_dtype("off", cuda) is None
-    assert train.autocast_dtype("auto", cuda) == torch.float16 and train.autocast_dtype("on", cpu) == torch.bfloat16
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("off", cuda) is None
+    assert autocast_dtype("auto", cuda) == torch.float16 and autocast_dtype("on", cpu) == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------ recipes and config
+
+
+def test_every_recipe_file_loads_and_the_default_recipe_is_the_flags_defaults() -> None:
+    names = sorted(p.stem for p in recipes.RECIPES_DIR.glob("*.toml"))
+    assert {"default", "small", "long", "distilled"} <= set(names)
+    loaded = {name: recipes.load_recipe(recipes.recipe_path(name)) for name in names}
+    defaults = flags.defaults()
+    assert loaded["default"] and all(defaults[k] == v for k, v in loaded["default"].items()), loaded["default"]
+    assert loaded["small"] == {"arch": "simple_cnn", "epochs": 10, "cache": True, "channels_last": True}
+    assert loaded["long"]["arch_kwargs"] == {"width": 64, "tta_hflip": True} and loaded["long"]["batch_aug"] is True
+    assert loaded["distilled"]["distill_alpha"] == 0.9 and loaded["distilled"]["distill_from"].endswith("best.pth")
+
+
+def _write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_recipe_file_round_trip(fashion_subset: Path, tmp_path: Path) -> None:
+    """A recipe's values reach the parsed flags unchanged, and a config built in code from the same options
+    is the same config as the command line's."""
+    options = {"arch": "simple_cnn", "arch_kwargs": {"width": 8, "stages": 2}, "epochs": 3, "batch_size": 16,
+               "opt": "adamw", "lr": 0.003, "nesterov": False, "cache": True, "random_erasing": 0.25}  # fmt: skip
+    recipe = _write_recipe(tmp_path / "r.toml", """
+arch = "simple_cnn"
+arch_kwargs = { width = 8, stages = 2 }
+epochs = 3
+batch_size = 16
+opt = "adamw"
+lr = 0.003
+nesterov = false
+cache = true
+random_erasing = 0.25
+""")  # fmt: skip
+    assert recipes.load_recipe(recipe) == options
+    args = recipes.parse_args(train.get_args_parser(), ["--config", str(recipe), "--data", str(fashion_subset),
+                                                        "--out", str(tmp_path / "run")])  # fmt: skip
+    assert {k: getattr(args, k) for k in options} == options
+    assert args.config == str(recipe) and args.label_smoothing == flags.defaults()["label_smoothing"]
+    from_cli = TrainConfig.from_args(args)
+    in_code = TrainConfig.from_options(
+        {**options, "config": str(recipe), "data": str(fashion_subset), "out": str(tmp_path / "run")}
+    )
+    assert from_cli == in_code
+    assert TrainConfig.from_dict(json.loads(json.dumps(from_cli.to_dict()))) == from_cli
+
+
+def test_flags_override_the_recipe_file(tmp_path: Path) -> None:
+    parser = train.get_args_parser()
+    small = str(recipes.recipe_path("small"))
+    args = recipes.parse_args(parser, ["--config", small, "--data", "d", "--out", "o", "--epochs", "3", "--no-cache"])
+    assert (args.epochs, args.cache, args.channels_last, args.arch) == (3, False, True, "simple_cnn")
+    argv = ["--config", str(recipes.recipe_path("long")), "--data", "d", "--out", "o", "--arch-kwargs", '{"width": 16}',
+            "--no-batch-aug"]  # fmt: skip
+    args = recipes.parse_args(train.get_args_parser(), argv)
+    assert (args.arch_kwargs, args.batch_aug, args.val_split, args.amp) == ('{"width": 16}', False, 0.05, "on")
+    # a recipe may name the data and the run folder: the flags are no longer required, and still win
+    folder = _write_recipe(tmp_path / "with-data.toml", 'data = "from-file"\nout = "runs/from-file"\n')
+    args = recipes.parse_args(train.get_args_parser(), ["--config", str(folder), "--out", "runs/flag"])
+    assert (args.data, args.out) == ("from-file", "runs/flag")
+
+
+@pytest.mark.parametrize(
+    "text, names",
+    [
+        ("batchsize = 64\n", ["'batchsize'", "'batch_size'"]),
+        ("epochs = 10\n[model]\narch = 'simple_cnn'\n", ["'model'"]),
+        ('epochs = "ten"\n', ["epochs", "int"]),
+        ('opt = "adam"\n', ["opt", "sgd, adamw"]),
+        ("cache = 1\n", ["cache", "true or false"]),
+        ('config = "other.toml"\n', ["'config'"]),
+    ],
+    ids=["unknown-key", "unknown-table", "wrong-type", "not-a-choice", "not-a-switch", "nested-recipe"],
+)
+def test_recipe_file_errors_name_the_key(tmp_path: Path, capsys, text: str, names: list[str]) -> None:
+    recipe = _write_recipe(tmp_path / "bad.toml", text)
+    with pytest.raises(ValueError) as err:
+        recipes.load_recipe(recipe)
+    assert str(recipe) in str(err.value) and all(name in str(err.value) for name in names), str(err.value)
+    with pytest.raises(SystemExit) as exit_:
+        recipes.parse_args(train.get_args_parser(), ["--config", str(recipe), "--data", "d", "--out", "o"])
+    assert exit_.value.code == 2 and names[0] in capsys.readouterr().err
+
+
+def test_the_saved_config_is_what_ran(fashion_subset: Path, tmp_path: Path) -> None:
+    recipe = _write_recipe(tmp_path / "r.toml", 'arch_kwargs = { width = 8, stages = 2 }\nsched = "none"\n'
+                           'epochs = 2\nlabel_smoothing = 0.05\n')  # fmt: skip
+    out = tmp_path / "run"
+    args = recipes.parse_args(train.get_args_parser(), ["--config", str(recipe), "--data", str(fashion_subset),
+                                                        "--out", str(out), *FAST])  # fmt: skip
+    given = dict(vars(args))
+    result = train.main(args)
+    assert vars(args) == given, "training changed the caller's arguments"
+    config = result["config"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0
+    saved = json.loads((out / "args.json").read_text())
+    assert saved == config.to_dict() and TrainConfig.from_dict(saved) == config
+    # resolved: the file's values, the flags over them, and what training.train works out itself
+    assert (config.epochs, config.label_smoothing, config.sched, config.seed) == (1, 0.05, "none", 1)
+    assert config.lr == 0.1 * 16 / 128 and config.wd == 5e-4 and config.pretrained == "none"
+    assert (config.img_size, config.channels, config.crop, config.workers) == (28, 1, "pad", 0)
+    assert config.device == "cpu" and config.world_size == 1 and config.amp_dtype is None
+    # ...and what ran: the schedule-free learning rate, the threads, the bundle's network and input
+    assert [h["lr"] for h in result["history"]] == [config.lr]
+    assert torch.get_num_threads() == config.threads
+    bundle = _check_run(out, sorted(prepare_fashion_mnist.CLASS_NAMES))
+    assert (bundle.arch, bundle.arch_kwargs) == (config.arch, config.arch_kwargs)
+    assert bundle.preprocessing == config.preprocessing
+    assert bundle.training["args"] == config.options() and bundle.training["args"]["config"] == str(recipe)

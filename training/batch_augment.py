@@ -1,8 +1,7 @@
 """Augment whole batches of small images on the training device (``--batch-aug``), not one image at a time.
 
 With few CPU cores, the per-image torchvision pipeline in a DataLoader worker competes with the
-training threads: on this 2-core machine `python -m bench.train_input` measured a width-64
-Fashion-MNIST epoch at 15.4 s with one worker, 13.7 s with none and 12.0 s with this module. Small
+training threads (`python -m bench.train_input` compares the three pipelines on one machine). Small
 images (the pad-crop regime) are decoded once, through the bundle's eval geometry, into one uint8
 tensor; each batch then gets pad-crop, flip, normalisation and random erasing with per-image random
 parameters from kornia, in a few milliseconds, on the CPU or the GPU that trains.

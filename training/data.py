@@ -137,7 +137,7 @@ def find_splits(root: str | Path, *, val_split: float = 0.1, test_split: float =
         rest, test = stratified_split(samples, test_split, seed + 1)
         train, val = stratified_split(rest, val_split / (1 - test_split) if test_split else val_split, seed)
     if not class_names or not train:
-        raise ValueError(f"{root}: found no labelled images (see the data layouts in the README)")
+        raise ValueError(f"{root}: found no labelled images (see the data layouts in docs/training.md)")
     if len(class_names) < 2:
         raise ValueError(f"{root}: found only one class ({class_names[0]}); a classifier needs two or more")
     splits = Splits(class_names, train, val, test, layout)

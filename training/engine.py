@@ -1,4 +1,4 @@
-"""One epoch of training and one pass of evaluation; the CLI in training.train composes them."""
+"""One epoch of training and one pass of evaluation; training.fit runs them epoch after epoch."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from model.bundle import Bundle, load_bundle, save_bundle
 from model.predictor import configure_threads, resolve_device
 from model.transforms import build_eval_transform
 from training.calibration import ECE_BINS, calibration_report, fit_temperature
-from training.data import VAL_NAMES, ImageListDataset, Sample, find_splits, scan_any
+from training.data import VAL_NAMES, ImageListDataset, Sample, Splits, find_splits, scan_any
 from training.engine import evaluate, per_class_metrics
 from training.plots import plot_confusion, plot_reliability
 
@@ -74,6 +74,28 @@ def write_report(
     )
     plot_confusion(confusion.tolist(), class_names, out / "confusion.png")
     plot_reliability(calibration["bins"], calibration["ece"], calibration["temperature"], out / "reliability.png")
+    return metrics
+
+
+def evaluate_best(out: Path, splits: Splits, device: torch.device, *, batch_size: int, workers: int) -> dict[str, Any]:
+    """A finished run's report: best.pth on the test split (val when there is none), the figures kept in it."""
+    bundle, model = load_bundle(out / "best.pth")
+    split = "test" if splits.test else "val"
+    samples = splits.test or splits.val or splits.train
+    metrics = write_report(
+        model.to(device), bundle, samples, out / "eval", device=device, batch_size=batch_size, workers=workers,
+        split=split,
+    )  # fmt: skip
+    scores = {**bundle.training["metrics"], f"{split}_top1": metrics["top1"], f"{split}_top5": metrics["top5"]}
+    save_bundle(dataclasses.replace(bundle, training={**bundle.training, "metrics": scores}), out / "best.pth")
+    logger.info(
+        "best model on the %s split (%d images): top-1 %.4f, top-5 %.4f; report in %s",
+        split,
+        metrics["samples"],
+        metrics["top1"],
+        metrics["top5"],
+        out / "eval",
+    )
     return metrics
 
 

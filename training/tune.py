@@ -3,12 +3,13 @@
     python -m training.tune --data DIR --arch simple_cnn --trials 20 --timeout 3600 --epochs 5 \\
         [--storage sqlite:///runs/tune/study.db] [--out runs/tune] [-- --cache --workers 1]
 
-Each trial is one ``training.train.main`` run (the same loop, nothing re-implemented) in OUT/trial-NNNN,
-with flags drawn from the search space below; arguments after ``--`` are passed to every trial
-unchanged. The validation top-1 of every epoch is reported to Optuna, and the median pruner stops a
-trial whose accuracy at an epoch is below the median of earlier trials at that epoch. The objective
-is the best validation top-1 (the test split is never looked at). A new study's first trial is
-training.train's default recipe (``--no-default-trial`` to skip it).
+Each trial is one ``training.train.run_training`` run (the same loop, nothing re-implemented) in
+OUT/trial-NNNN, with a config built in code: the recipe (``--config``, default configs/default.toml,
+training.train's own defaults), then the flags after ``--`` (the same for every trial), then the values
+drawn from the search space below. The validation top-1 of every epoch is reported to Optuna, and the
+median pruner stops a trial whose accuracy at an epoch is below the median of earlier trials at that
+epoch. The objective is the best validation top-1 (the test split is never looked at). A new study's
+first trial is the recipe itself (``--no-default-trial`` to skip it).
 
 The study lives in an SQLite file: run the same command again to add trials to it, or start it in
 several terminals at once to search in parallel. ``--timeout`` is checked between trials. Outputs in
@@ -29,7 +30,10 @@ from typing import Any
 
 import optuna
 
-from training import train
+from training.config import TrainConfig, splits_for
+from training.data import Splits
+from training.recipes import DEFAULT_RECIPE, load_recipe, recipe_and_flags
+from training.train import run_training
 
 logger = logging.getLogger("training.tune")
 
@@ -37,22 +41,20 @@ BATCH_SIZES = (32, 64, 128, 256)
 AUGMENTATIONS = ("none", "trivialaugment", "randaugment")
 MIXUP_ALPHAS = (0.0, 0.2, 0.4)
 CUTMIX_ALPHAS = (0.0, 0.5, 1.0)
-# training.train's defaults (SGD, batch 128): a new study tries them first, so the search starts from
-# the default recipe and can only report something at least as good on validation.
-DEFAULT_RECIPE = {
-    "lr": 0.1,
-    "wd": 5e-4,
-    "batch_size": 128,
-    "label_smoothing": 0.1,
-    "auto_augment": "none",
-    "random_erasing": 0.0,
-    "mixup_alpha": 0.0,
-    "cutmix_alpha": 0.0,
-}
+SEARCHED = (  # the names suggest() draws
+    "lr",
+    "wd",
+    "batch_size",
+    "label_smoothing",
+    "auto_augment",
+    "random_erasing",
+    "mixup_alpha",
+    "cutmix_alpha",
+)
 
 
 def suggest(trial: optuna.Trial) -> dict[str, Any]:
-    """The search space, as training.train flags (SGD with Nesterov momentum, cosine schedule)."""
+    """The search space, as training options (with the recipe's optimizer and schedule: SGD, cosine by default)."""
     return {
         "lr": trial.suggest_float("lr", 0.01, 0.4, log=True),
         "wd": trial.suggest_float("wd", 1e-5, 5e-3, log=True),
@@ -88,7 +90,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="TPE sampler seed (leave unset when processes share a study)")
     p.add_argument("--startup-trials", type=int, default=5, help="trials before TPE and the pruner start")
     p.add_argument("--warmup-epochs", type=int, default=1, help="epochs before a trial can be pruned")
-    p.add_argument("--no-default-trial", action="store_true", help="do not start a new study with the default recipe")
+    p.add_argument("--config", default=None, help="recipe every trial starts from (default: configs/default.toml)")
+    p.add_argument("--no-default-trial", action="store_true", help="do not start a new study with the recipe itself")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: flags passed to every trial unchanged")
     return p
 
@@ -110,28 +113,34 @@ def create_study(args: argparse.Namespace) -> optuna.Study:
     )
 
 
-def fixed_flags(args: argparse.Namespace) -> list[str]:
-    extra = list(args.train_args)
-    if extra[:1] == ["--"]:
-        extra = extra[1:]
-    return ["--data", str(args.data), "--arch", args.arch, "--epochs", str(args.epochs), *extra]
+def trial_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What every trial shares: the recipe, tune's data, arch and epochs, the flags after ``--``."""
+    recipe = load_recipe(args.config or DEFAULT_RECIPE)
+    fixed = {"data": str(args.data), "arch": args.arch, "epochs": args.epochs}
+    return {**recipe, **fixed, **recipe_and_flags(_extra(args)), "quiet": True}
 
 
-def objective(args: argparse.Namespace):
-    base = fixed_flags(args)
+def starting_point(base: dict[str, Any], splits: Splits, out: str) -> dict[str, Any]:
+    """The recipe's own values of the searched parameters, as training resolves them (lr from the batch size...).
 
+    A new study tries them first, so the search can only report something at least as good on validation.
+    """
+    config = TrainConfig.from_options({**base, "out": out}, splits)
+    return {name: getattr(config, name) for name in SEARCHED}
+
+
+def objective(args: argparse.Namespace, base: dict[str, Any], splits: Splits):
     def run(trial: optuna.Trial) -> float:
         params = suggest(trial)
         out = Path(args.out) / f"trial-{trial.number:04d}"
-        argv = [*base, *as_flags(params), "--out", str(out), "--quiet"]
         trial.set_user_attr("out", str(out))
-        train_args = train.get_args_parser().parse_args(argv)
 
         def report(entry: dict[str, Any]) -> bool:
             trial.report(entry["val_acc"], step=entry["epoch"])
             return trial.should_prune()
 
-        result = train.main(train_args, epoch_callback=report)
+        config = TrainConfig.from_options({**base, **params, "out": str(out)}, splits)
+        result = run_training(config, splits, epoch_callback=report)
         trial.set_user_attr("epochs", len(result["history"]))
         trial.set_user_attr("seconds", round(sum(h["seconds"] for h in result["history"]), 1))
         if result["stopped_by_callback"]:
@@ -139,6 +148,17 @@ def objective(args: argparse.Namespace):
         return result["best_val_top1"]
 
     return run
+
+
+def _extra(args: argparse.Namespace) -> list[str]:
+    extra = list(args.train_args)
+    return extra[1:] if extra[:1] == ["--"] else extra
+
+
+def fixed_flags(args: argparse.Namespace) -> list[str]:
+    """The shared options as training.train flags, for the ready-to-run command line."""
+    recipe = ["--config", str(args.config)] if args.config else []
+    return [*recipe, "--data", str(args.data), "--arch", args.arch, "--epochs", str(args.epochs), *_extra(args)]
 
 
 def best_command(args: argparse.Namespace, study: optuna.Study) -> str:
@@ -212,9 +232,11 @@ def write_plots(study: optuna.Study, out: Path) -> None:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = create_study(args)
+    base = trial_options(args)
+    splits = splits_for(base)  # found once: every trial trains on the same samples
     if not args.no_default_trial and not study.trials:
-        study.enqueue_trial(DEFAULT_RECIPE)
-    study.optimize(objective(args), n_trials=args.trials, timeout=args.timeout, gc_after_trial=True)
+        study.enqueue_trial(starting_point(base, splits, args.out))
+    study.optimize(objective(args, base, splits), n_trials=args.trials, timeout=args.timeout, gc_after_trial=True)
     summary = write_outputs(args, study)
     if "command" in summary:
         logger.info(

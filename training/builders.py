@@ -1,0 +1,249 @@
+"""Factories that turn a ``TrainConfig`` into the parts of a run: model, data, optimisation, loss, batch transforms.
+
+Each builder reads the config and nothing else the caller would have to keep in step; training.train's
+``run_training`` calls them in order (the torchvision references' and timm's shape).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
+from torchvision.transforms import v2
+
+from model.registry import build_model, find_head
+from model.transforms import build_eval_transform, build_train_transform
+from training.batch_augment import BatchAugment, TensorImageDataset
+from training.checkpoint import CheckpointWriter
+from training.config import TrainConfig
+from training.data import ImageListDataset, Splits, balanced_weights
+from training.distill import BatchTransform, DistillationLoss, Teacher
+from training.distributed import Session
+from training.sparsity import apply_masks, zero_masks
+
+logger = logging.getLogger("training.train")
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+def build_network(config: TrainConfig, num_classes: int, device: torch.device, resume: dict | None) -> nn.Module:
+    """The network on ``device``: from the configured weights, or from last.pth's when resuming."""
+    model = build_model(
+        config.arch,
+        num_classes=num_classes,
+        pretrained=config.pretrained if resume is None else "none",
+        weights_file=config.weights_file if resume is None else None,
+        in_channels=config.preprocessing.channels,
+        **config.arch_kwargs,
+    )
+    if config.freeze_backbone:
+        freeze_backbone(model)
+    if resume is not None:
+        model.load_state_dict(resume["state_dict"])
+    model.to(device)
+    return model.to(memory_format=torch.channels_last) if config.channels_last else model
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    head = find_head(model)
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith(head + ".")
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    batch_augment: BatchAugment | None  # --batch-aug: the train loader yields uint8 batches this augments
+
+
+def build_loaders(config: TrainConfig, splits: Splits, session: Session) -> Loaders:
+    """Training images augmented per image in workers, or cached as one tensor for --batch-aug; validation."""
+    prep = config.preprocessing
+    batch_augment = None
+    if config.batch_aug:
+        try:
+            batch_augment = BatchAugment(prep, config.augment, channels_last=config.channels_last).to(session.device)
+        except ValueError as exc:  # flags it cannot reproduce; the message starts with --batch-aug
+            raise SystemExit(str(exc)) from None
+        train_set: Dataset = TensorImageDataset(splits.train, prep)
+    else:
+        train_set = ImageListDataset(splits.train, build_train_transform(prep, config.augment), cache=config.cache)
+    val_set = ImageListDataset(
+        splits.val or splits.train, build_eval_transform(prep), cache=config.cache or config.batch_aug
+    )
+    weights = balanced_weights(splits.train, len(splits.class_names)) if config.balance else None
+    return Loaders(
+        train=make_loader(train_set, config, train=True, session=session, sampler_weights=weights),
+        val=make_loader(val_set, config, train=False),
+        batch_augment=batch_augment,
+    )
+
+
+def make_loader(
+    dataset: Dataset,
+    config: TrainConfig,
+    *,
+    train: bool,
+    session: Session | None = None,
+    sampler_weights: torch.Tensor | None = None,
+) -> DataLoader:
+    """Shuffled (or class-balanced, or split across processes) for training; in order for validation."""
+    sampler = None
+    if train and session is not None and session.world > 1:
+        sampler = DistributedSampler(
+            dataset, num_replicas=session.world, rank=session.rank, shuffle=True, seed=config.seed
+        )
+    elif train and sampler_weights is not None:
+        sampler = WeightedRandomSampler(sampler_weights, num_samples=len(dataset), replacement=True)
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=config.workers,
+        persistent_workers=False,
+        drop_last=train and len(dataset) > config.batch_size,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+# ------------------------------------------------------------------------------------------ optimisation
+
+
+@dataclass
+class Optimisation:
+    """Everything that steps with the weights, and what --resume restores of it."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any | None
+    per_step: bool  # the scheduler steps after every batch (else after every epoch)
+    scaler: torch.amp.GradScaler | None
+    ema: torch.optim.swa_utils.AveragedModel | None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name in ("scheduler", "scaler", "ema"):
+            part = getattr(self, name)
+            if part is not None and state.get(name):
+                part.load_state_dict(state[name])
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """What is validated and saved as best.pth: the EMA of the weights when there is one."""
+        return self.ema.module if self.ema is not None else model
+
+
+def build_optimisation(config: TrainConfig, model: nn.Module, steps_per_epoch: int) -> Optimisation:
+    optimizer = build_optimizer(config, model)
+    if config.keep_zeros:
+        masks = zero_masks(model)
+        optimizer.register_step_post_hook(lambda *_: apply_masks(model, masks))
+        logger.info("--keep-zeros: %d weight tensors keep their zeros", len(masks))
+    scheduler, per_step = build_scheduler(config, optimizer, steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if config.autocast == torch.float16 else None
+    ema = None
+    if config.ema_decay > 0:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
+        )
+    return Optimisation(optimizer, scheduler, per_step, scaler, ema)
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW; weight decay on weights, not on biases and norms."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.opt == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> tuple[Any, bool]:
+    """(scheduler, steps per batch?): cosine with linear warm-up per batch; step and plateau per epoch."""
+    if config.sched == "cosine":
+        total = max(1, config.epochs * steps_per_epoch)
+        warmup = int(config.warmup_epochs * steps_per_epoch)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
+    if config.sched == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma), False
+    if config.sched == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "max", factor=config.gamma, patience=2), False
+    return None, False
+
+
+# ------------------------------------------------------------------------------- loss and batch transforms
+
+
+def build_teacher(config: TrainConfig, class_names: list[str], device: torch.device) -> Teacher | None:
+    if not config.distill_from:
+        return None
+    return Teacher.from_file(config.distill_from, class_names, config.preprocessing, device,
+                             amp_dtype=config.autocast, channels_last=config.channels_last)  # fmt: skip
+
+
+def build_criterion(config: TrainConfig, teacher: Teacher | None) -> nn.Module:
+    """Cross-entropy with label smoothing; with a teacher, mixed with its soft labels."""
+    criterion: nn.Module = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    if teacher is None:
+        return criterion
+    return DistillationLoss(criterion, alpha=config.distill_alpha, temperature=config.distill_temperature)
+
+
+def build_batch_transform(
+    config: TrainConfig, num_classes: int, batch_augment: BatchAugment | None, teacher: Teacher | None
+) -> BatchTransform | None:
+    """What happens to a whole batch before the forward pass: --batch-aug, then MixUp/CutMix, then the teacher."""
+    mixers: list[Callable[..., Any]] = []
+    if config.mixup_alpha > 0:
+        mixers.append(v2.MixUp(alpha=config.mixup_alpha, num_classes=num_classes))
+    if config.cutmix_alpha > 0:
+        mixers.append(v2.CutMix(alpha=config.cutmix_alpha, num_classes=num_classes))
+    transform = v2.RandomChoice(mixers) if mixers else None
+    if batch_augment is not None:
+        transform = batch_augment.as_batch_transform(transform)
+    if teacher is not None:
+        transform = teacher.wrap(transform)
+    return transform
+
+
+# ----------------------------------------------------------------------------------------------- records
+
+
+def build_checkpoint_writer(config: TrainConfig, splits: Splits) -> CheckpointWriter:
+    return CheckpointWriter(
+        Path(config.out),
+        arch=config.arch,
+        arch_kwargs=config.arch_kwargs,
+        class_names=splits.class_names,
+        preprocessing=config.preprocessing,
+        record={"data": {"path": str(config.data), **splits.describe()}, "args": config.options()},
+    )
