@@ -4,6 +4,7 @@
 #   docker build -t imgclf .                                  # CPU-only torch from PyTorch's wheel index
 #   docker build --build-arg TORCH_INDEX_URL= -t imgclf .     # torch from the normal index (CUDA build, larger)
 #   docker run --rm -p 8000:8000 --read-only --tmpfs /tmp imgclf
+#   docker run --rm -p 8080:8080 -e PORT=8080 imgclf             # the port from $PORT, as Cloud Run gives it
 #
 # docs/deployment.md explains mounting your own bundles and the settings.
 
@@ -53,15 +54,17 @@ RUN groupadd --system --gid 10001 imgclf \
        --shell /usr/sbin/nologin imgclf
 
 # HOME=/tmp: anything that wants a cache or config folder writes to the (tmpfs) /tmp, so the root
-# file system can be read-only. The bind is a default in GUNICORN_CMD_ARGS, not in CMD, so it can be
-# overridden; --worker-tmp-dir /dev/shm keeps gunicorn's worker heartbeat files in memory.
+# file system can be read-only. IMGCLF_HOST=0.0.0.0: gunicorn.conf.py listens on every interface, on
+# $PORT when the platform gives one (Cloud Run, Heroku), else 8000; a --bind in GUNICORN_CMD_ARGS still
+# wins. --worker-tmp-dir /dev/shm keeps gunicorn's worker heartbeat files in memory.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
     FLASK_MODEL_DIR=/app/models \
     IMGCLF_REVISION=$REVISION \
-    GUNICORN_CMD_ARGS="--bind 0.0.0.0:8000 --worker-tmp-dir /dev/shm"
+    IMGCLF_HOST=0.0.0.0 \
+    GUNICORN_CMD_ARGS="--worker-tmp-dir /dev/shm"
 
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /app/models /app/models

@@ -29,8 +29,10 @@ models/default.onnx: models/default.pth
 
 default-model: models/default.pth models/default.onnx ## build the offline default model and its ONNX export
 
-run: setup models/default.pth models/default.onnx ## serve every bundle in models/ on http://127.0.0.1:8000
-	$(VENV)/bin/gunicorn --config gunicorn.conf.py "app:create_app()"
+# HOST and PORT (make run PORT=9000, HOST=0.0.0.0 for other machines) reach gunicorn.conf.py as IMGCLF_HOST
+# and PORT; a --bind in GUNICORN_CMD_ARGS still wins
+run: setup models/default.pth models/default.onnx ## serve every bundle in models/ on http://127.0.0.1:8000 (make run PORT=9000 HOST=...)
+	IMGCLF_HOST=$(HOST) PORT=$(PORT) $(VENV)/bin/gunicorn --config gunicorn.conf.py "app:create_app()"
 
 # static/app.css is committed (the Docker image needs no build step); tests/test_page.py fails when it is
 # out of date with templates/ and static/app.js. Recompile after changing them:

@@ -11,8 +11,10 @@ from typing import Any
 
 from flask import Flask
 
+from serving.admission import EXTENSION as ADMISSION
+from serving.admission import Admission
 from serving.api import bp as api_blueprint
-from serving.config import DEFAULTS, check_config, read_raw_environment
+from serving.config import DEFAULTS, admission_limit, check_config, read_raw_environment, request_threads
 from serving.errors import register_error_handler
 from serving.http import install_request_hooks
 from serving.metrics import Metrics
@@ -37,6 +39,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     metrics = Metrics()
     app.extensions["imgclf.metrics"] = metrics
+    app.extensions[ADMISSION] = Admission(admission_limit(app.config, request_threads()))
     app.extensions["imgclf.models"] = load_models(app, metrics)
 
     install_request_hooks(app)

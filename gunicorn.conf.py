@@ -14,7 +14,9 @@ The choices, and why:
 - Each worker makes glibc keep freed memory (serving/allocator.py, in post_fork: mmap and trim thresholds
   raised, checked with a probe): otherwise glibc returns large freed blocks to the kernel and every
   batched forward pass faults its activations back in.
-- bind 127.0.0.1:8000: local only unless --bind or GUNICORN_CMD_ARGS="--bind 0.0.0.0:8000" says otherwise.
+- bind 127.0.0.1:8000: local only. $PORT (as Cloud Run and Heroku give it) changes the port and
+  $IMGCLF_HOST the host (the image sets 0.0.0.0); a --bind on the command line or in GUNICORN_CMD_ARGS
+  wins over both.
 - timeout 60 s: a worker stuck that long is restarted; a request normally takes tens of milliseconds.
 - GUNICORN_READ_TIMEOUT (default 20 s): a client must send each whole request (headers and body) within
   it, or its connection is closed: trickling clients (slowloris) cannot hold the request threads.
@@ -31,7 +33,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
-bind = ["127.0.0.1:8000"]
+
+def _default_bind(environ=os.environ):
+    """Where to listen when no --bind is given (GUNICORN_CMD_ARGS and the command line win over this file):
+    port $PORT (Cloud Run, Heroku and the like give it), else 8000; host $IMGCLF_HOST (the image sets
+    0.0.0.0), else 127.0.0.1. deploy/healthcheck.py's default_bind says the same (a test compares them)."""
+    port = environ.get("PORT") or "8000"
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"PORT must be a TCP port number from 1 to 65535, not {port!r}")
+    host = environ.get("IMGCLF_HOST") or "127.0.0.1"
+    if ":" in host and not host.startswith("["):  # an IPv6 address: [::]:8080
+        host = f"[{host}]"
+    return [f"{host}:{int(port)}"]
+
+
+bind = _default_bind()
 workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 # gthread plus a deadline for receiving each request (serving/worker.py): slow clients cannot hold threads
 worker_class = "serving.worker.DeadlineThreadWorker"
@@ -77,6 +93,8 @@ def post_fork(server, worker):
 
     if "FLASK_TORCH_THREADS" not in os.environ:
         os.environ["FLASK_TORCH_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // max(1, server.cfg.workers)))
+    # the default admission limit (FLASK_MAX_INFLIGHT, serving/config.py) keeps some of these for probes
+    os.environ["IMGCLF_REQUEST_THREADS"] = str(server.cfg.threads)
     tune_glibc_malloc()
 
 
@@ -95,9 +113,11 @@ def worker_exit(server, worker):
 
 
 def _drain(worker):
-    """Readiness turns false and queued inference is finished before the worker goes."""
-    app = getattr(getattr(worker, "wsgi", None), "extensions", None)
-    registry = app.get("imgclf.models") if app else None
+    """The models close as the worker goes: queued inference is answered first. (Readiness already
+    turned 503 when SIGTERM arrived: serving/worker.py's handle_exit.)"""
+    from serving.worker import models_of
+
+    registry = models_of(worker)
     if registry is not None:
         registry.close()
 

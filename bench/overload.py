@@ -1,14 +1,17 @@
 """Overload: goodput, shed share, latency, memory and probe latency at 6x the normal concurrency.
 
-    python -m bench.overload [--quick] [--clients 16] [--factor 6] [--seconds 45] [--out PATH]
+    python -m bench.overload [--quick] [--clients 16] [--factor 6] [--seconds 45] [--ignore-retry-after] [--out PATH]
 
 One real gunicorn serves the default model with the service's defaults (as `make run` does, its ONNX
 export made ahead of time). Closed-loop clients on 127.0.0.1 (each sends its next request when the
 last answer arrived, on a keep-alive connection, with a client timeout) send the real photos
 bench/serve.py uses: first ``--clients`` of them (the normal load) for ``--seconds``, then ``--factor``
-times as many for as long. Throughout, a prober asks /healthz and /readyz every 250 ms on a new
-connection with a 1 s timeout, as Kubernetes' probes do, and a sampler adds up the resident memory of
-gunicorn's master and workers from /proc every 250 ms.
+times as many for as long. A client told ``503`` with ``Retry-After`` waits that long (at most 5 s)
+before its next request, as urllib3's ``Retry`` and well-behaved clients do; ``--ignore-retry-after``
+makes every client retry at once instead (a retry storm: the clients and the service share the CPUs).
+Throughout, a prober asks /healthz and /readyz every 250 ms on a new connection with a 1 s timeout, as
+Kubernetes' probes do, and a sampler adds up the resident memory of gunicorn's master and workers from
+/proc every 250 ms.
 
 Reported per phase: goodput (successful predictions completed inside the phase, per second), the
 shares of 503s and of other errors or timeouts, p50/p99 latency of answered requests, the service's
@@ -34,6 +37,7 @@ from serving.launcher import GunicornServer
 
 PROBE_PERIOD_S = 0.25
 PROBE_TIMEOUT_S = 1.0
+MAX_RETRY_AFTER_S = 5.0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,6 +48,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--factor", type=int, default=6, help="overload = factor x clients (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=45.0, help="length of each phase, s (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=30.0, help="client timeout per request, s (default: %(default)s)")
+    p.add_argument(
+        "--ignore-retry-after",
+        action="store_true",
+        help="send the next request at once after a 503 (default: wait its Retry-After, at most 5 s)",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the service, e.g. FLASK_MAX_INFLIGHT=4 or GUNICORN_THREADS=12 (repeatable)",
+    )
     p.add_argument("--out", "--json", dest="out", default=None, help="results file (default: bench/results/...)")
     return p
 
@@ -89,7 +105,14 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def run_clients(port: int, bodies: list[tuple[bytes, str]], clients: int, seconds: float, timeout: float) -> dict:
+def run_clients(
+    port: int,
+    bodies: list[tuple[bytes, str]],
+    clients: int,
+    seconds: float,
+    timeout: float,
+    honour_retry_after: bool = True,
+) -> dict:
     """``clients`` closed-loop clients for ``seconds``; every answer's (end time, status, latency)."""
     lock = threading.Lock()
     done: list[tuple[float, str, float]] = []
@@ -100,6 +123,7 @@ def run_clients(port: int, bodies: list[tuple[bytes, str]], clients: int, second
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         i = offset
         while time.perf_counter() < deadline:
+            retry_after = None
             body, ctype = bodies[i % len(bodies)]
             i += 1
             t0 = time.perf_counter()
@@ -108,6 +132,7 @@ def run_clients(port: int, bodies: list[tuple[bytes, str]], clients: int, second
                 resp = conn.getresponse()
                 payload = resp.read()
                 outcome = "ok" if resp.status == 200 and b'"predictions"' in payload else str(resp.status)
+                retry_after = resp.getheader("Retry-After") if resp.status == 503 and honour_retry_after else None
                 if resp.will_close:
                     conn.close()
             except TimeoutError:
@@ -121,6 +146,8 @@ def run_clients(port: int, bodies: list[tuple[bytes, str]], clients: int, second
                 done.append((t1, outcome, t1 - t0))
             if outcome not in ("ok", "503") and not outcome.isdigit():
                 time.sleep(0.05)  # a refused connection answers at once: do not spin
+            elif retry_after is not None and retry_after.isdigit():
+                time.sleep(min(float(retry_after), MAX_RETRY_AFTER_S))  # as urllib3's Retry does
         conn.close()
 
     cpu0 = time.process_time()
@@ -265,7 +292,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
         workdir = Path(tmp)
         prepare_model_dir(bundle, "onnx", workdir / "models")
-        server = GunicornServer(workdir / "models", workdir / "gunicorn.log", name="overload")
+        env = dict(item.split("=", 1) for item in args.env)
+        server = GunicornServer(workdir / "models", workdir / "gunicorn.log", env=env, name="overload")
         server.start()
         try:
             result["ready_s"] = server.ready_s
@@ -276,7 +304,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             for name, clients in (("normal", args.clients), ("overload", args.clients * args.factor)):
                 print(f"... {name}: {clients} clients for {args.seconds:.0f} s", flush=True)
                 cpu0 = cpu_s(service_pids(server))
-                load = run_clients(server.port, bodies, clients, args.seconds, args.timeout)
+                load = run_clients(
+                    server.port, bodies, clients, args.seconds, args.timeout, not args.ignore_retry_after
+                )
                 row = summarize(name, clients, load, prober.samples, sampler.samples)
                 row["service_cpu_s"] = cpu_s(service_pids(server)) - cpu0
                 # the shared machine's other load changes what CPU the service gets: goodput per CPU second

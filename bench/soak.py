@@ -5,7 +5,9 @@
 
 Half the requests are real photos, half the hostile corpus of tests/support/hostile.py (bombs, truncated
 files, wrong types, oversized bodies, bad parameters...), in a fixed shuffled order. Reports the
-requests whose status or error code was not the expected one (target 0), latency percentiles, and the
+requests whose status or error code was not the expected one (target 0; a request the server sheds with
+503 busy is sent again after its Retry-After, as a well-behaved client does, and counted), latency
+percentiles (from the first try to the answer), and the
 workers' resident memory after request 1,000 and at the end (target: growth at most 10 %), as JSON
 and a table. Exits 1 when any status was unexpected or a worker died.
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+MAX_BUSY_RETRIES = 30  # a request the server sheds (503 busy) is sent again after its Retry-After, this often
 sys.path.insert(0, str(ROOT))  # run as a script (python bench/soak.py): the repository's packages
 
 from serving.launcher import GunicornServer, worker_pids  # noqa: E402
@@ -76,6 +79,17 @@ def plan(n: int, hostile_share: float, seed: int) -> list[Case]:
     ]
     rng.shuffle(order)
     return order
+
+
+def busy_retry_after(r: requests.Response) -> float | None:
+    """Seconds to wait before sending the request again when the server shed it (503 busy), else None."""
+    if r.status_code != 503 or not r.headers.get("Retry-After", "").isdigit():
+        return None
+    try:
+        code = r.json().get("error", {}).get("code")
+    except ValueError:
+        return None
+    return float(r.headers["Retry-After"]) if code == "busy" else None
 
 
 def check(case: Case, r: requests.Response) -> str | None:
@@ -131,6 +145,7 @@ def drive(server: GunicornServer, order: list[Case], concurrency: int, rss_at: i
     local = threading.local()
     lock = threading.Lock()
     done = {"n": 0}
+    busy = {"n": 0}  # 503 busy answers (admission control), each retried after its Retry-After
     rss: dict[str, dict[int, int]] = {}
     trace: dict[int, float] = {}  # RSS every 1,000 requests: a leak keeps climbing, a warming heap levels off
     latencies: dict[str, list[float]] = {}
@@ -142,7 +157,14 @@ def drive(server: GunicornServer, order: list[Case], concurrency: int, rss_at: i
             session = local.session = requests.Session()
         started = time.perf_counter()
         try:
-            r = session.request(case.method, server.url(case.path), timeout=120, **case.request_kwargs())
+            for _ in range(MAX_BUSY_RETRIES + 1):
+                r = session.request(case.method, server.url(case.path), timeout=120, **case.request_kwargs())
+                wait = busy_retry_after(r)
+                if wait is None:
+                    break
+                with lock:
+                    busy["n"] += 1
+                time.sleep(wait)
             problem = check(case, r)
         except requests.RequestException as exc:
             problem = f"{type(exc).__name__}: {exc}"[:200]
@@ -170,6 +192,7 @@ def drive(server: GunicornServer, order: list[Case], concurrency: int, rss_at: i
     at, end = sum(rss["at_rss_point"].values()), sum(rss["end"].values())
     return {
         "unexpected": len(unexpected),
+        "busy_retried": busy["n"],
         "unexpected_examples": unexpected[:20],
         "wall_s": round(wall, 1),
         "throughput_rps": round(len(order) / wall, 1),
@@ -204,6 +227,7 @@ def table(report: dict) -> str:
         ("requests / concurrency", f"{report['requests']} / {report['concurrency']}"),
         ("workers x threads", f"{report['workers']} x {report['threads']}"),
         ("unexpected statuses (target 0)", str(report["unexpected"])),
+        ("503 busy, sent again after Retry-After", str(report["busy_retried"])),
         ("worker PIDs unchanged", str(report["worker_pids_unchanged"])),
         ("tracebacks in the log", str(report["tracebacks_in_log"])),
         ("wall time, throughput", f"{report['wall_s']} s, {report['throughput_rps']} req/s"),

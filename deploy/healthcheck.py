@@ -1,8 +1,9 @@
 """Docker HEALTHCHECK: exit 0 when the service in this container answers ``GET /readyz`` with 200.
 
-Python's standard library only (the slim image has no curl). The port is read from the bind that
-gunicorn was given through ``GUNICORN_CMD_ARGS`` (the image's default is ``--bind 0.0.0.0:8000``), so
-overriding the bind does not break the check; a wildcard host is asked on 127.0.0.1.
+Python's standard library only (the slim image has no curl). It asks where gunicorn listens: the first
+bind in ``GUNICORN_CMD_ARGS``, else gunicorn.conf.py's default from ``$IMGCLF_HOST`` (the image's
+0.0.0.0) and ``$PORT`` (8000 when unset), so ``-e PORT=8080`` or another bind does not break the check;
+a wildcard host is asked on 127.0.0.1.
 
     python deploy/healthcheck.py [--path /readyz] [--timeout 4]
 """
@@ -15,13 +16,24 @@ import shlex
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 
-DEFAULT_BIND = "0.0.0.0:8000"
 WILDCARDS = {"", "0.0.0.0", "::", "[::]"}  # noqa: S104 (recognised, not bound to)
 
 
-def first_tcp_bind(gunicorn_cmd_args: str) -> str:
-    """The first ``--bind``/``-b`` HOST:PORT in gunicorn's command-line arguments, else the default."""
+def default_bind(environ: Mapping[str, str]) -> str:
+    """gunicorn.conf.py's bind when none is given: $IMGCLF_HOST (else 127.0.0.1) and $PORT (else 8000)."""
+    host = environ.get("IMGCLF_HOST") or "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{environ.get('PORT') or '8000'}"
+
+
+IMAGE_DEFAULT_BIND = default_bind({"IMGCLF_HOST": "0.0.0.0"})  # noqa: S104 - what the image's ENV makes
+
+
+def first_tcp_bind(gunicorn_cmd_args: str, default: str = IMAGE_DEFAULT_BIND) -> str:
+    """The first ``--bind``/``-b`` HOST:PORT in gunicorn's command-line arguments, else ``default``."""
     tokens = shlex.split(gunicorn_cmd_args)
     for i, token in enumerate(tokens):
         value = None
@@ -33,7 +45,7 @@ def first_tcp_bind(gunicorn_cmd_args: str) -> str:
             value = token[2:]
         if value and not value.startswith(("unix:", "fd://")):
             return value
-    return DEFAULT_BIND
+    return default
 
 
 def url_for(bind: str, path: str) -> str:
@@ -52,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    url = url_for(first_tcp_bind(os.environ.get("GUNICORN_CMD_ARGS", "")), args.path)
+    url = url_for(first_tcp_bind(os.environ.get("GUNICORN_CMD_ARGS", ""), default_bind(os.environ)), args.path)
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as response:  # noqa: S310 (http to ourselves)
             status = response.status

@@ -48,7 +48,7 @@ from typing import Any
 
 import requests
 import yaml
-from healthcheck import first_tcp_bind
+from healthcheck import default_bind, first_tcp_bind
 
 CATS = {"tabby", "tiger cat", "Egyptian cat"}
 REPO = Path(__file__).resolve().parent.parent
@@ -270,7 +270,7 @@ def image_problems(config: dict[str, Any], settings: set[str], k8s: dict[str, An
     if not re.fullmatch(r"\d+(:\d+)?", user) or int(user.partition(":")[0]) == 0:
         problems.append(f"USER is {user!r}: it must be a numeric uid other than 0 (runAsNonRoot checks it)")
     ports = sorted(config.get("ExposedPorts") or {})
-    bind = first_tcp_bind(env.get("GUNICORN_CMD_ARGS", ""))
+    bind = first_tcp_bind(env.get("GUNICORN_CMD_ARGS", ""), default_bind(env))  # as gunicorn.conf.py reads them
     if len(ports) != 1 or f"0.0.0.0:{ports[0].partition('/')[0]}" != bind:
         problems.append(f"exposed {ports}, but gunicorn's default bind is {bind}")
     if config.get("Cmd") != GUNICORN_CMD or config.get("Entrypoint"):

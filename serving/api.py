@@ -17,6 +17,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from model import version as release
 from model.images import ImageDecodeError, load_image, open_image
 from model.predictor import Predictor
+from serving.admission import admitted
 from serving.batching import BatcherClosed
 from serving.errors import ApiError
 from serving.openapi import build_openapi
@@ -74,6 +75,7 @@ def openapi() -> Response:
 
 
 @bp.post("/predict")
+@admitted
 def predict() -> Response:
     started = time.perf_counter()
     check_api_key()
@@ -151,7 +153,7 @@ def _param(name: str) -> str | None:
 
 def pick_model(name: str | None) -> ServedModel:
     reg = registry()
-    if not reg.ready:
+    if not reg.serving:  # not ``ready``: a worker that drains still answers the requests it has
         raise ApiError("not_ready", "the service is not ready (loading or shutting down); retry shortly")
     served = reg.get(name)
     if served is None:

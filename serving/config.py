@@ -7,12 +7,15 @@ except the secrets in RAW_STRING_SETTINGS, which are taken exactly as written.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from model.images import DEFAULT_MAX_PIXELS
 from model.predictor import DEVICES
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("onnx", "torch")
 
@@ -50,12 +53,21 @@ DEFAULTS: dict[str, Any] = {
     "BATCH_MAX_DELAY_MS": 0.0,
     # when set, POST /predict needs `Authorization: Bearer <key>`; at least API_KEY_MIN_LENGTH characters
     "API_KEY": None,
+    # most requests of one worker decoding and inferring at once (POST /predict, POST /); more get 503 busy
+    # with Retry-After. 0 = the worker's request threads minus PROBE_THREADS (at least 1): the threads left
+    # answer /healthz, /readyz and /metrics while every admitted request is busy. No limit outside gunicorn.
+    "MAX_INFLIGHT": 0,
 }
 
 API_KEY_MIN_LENGTH = 16
 # JSON-decoding a secret changes it: FLASK_API_KEY=null would become None (no key: an open server) and
 # 1.000000000000000000 the key "1.0".
 RAW_STRING_SETTINGS = ("API_KEY",)
+
+# request threads kept out of admission for probes and scrapes (Kubernetes' liveness and readiness, Prometheus)
+PROBE_THREADS = 2
+# set by gunicorn.conf.py in each worker: the request threads gunicorn gave it (--threads, GUNICORN_THREADS)
+REQUEST_THREADS_ENV = "IMGCLF_REQUEST_THREADS"
 
 INT_SETTINGS = {
     "TORCH_THREADS": 0,
@@ -66,6 +78,7 @@ INT_SETTINGS = {
     "TOP_K_DEFAULT": 1,
     "TOP_K_MAX": 1,
     "BATCH_MAX_SIZE": 1,
+    "MAX_INFLIGHT": 0,
 }
 
 
@@ -135,3 +148,27 @@ def valid_api_key(key: Any) -> str | None:
             "(openssl rand -hex 32 makes a good one)"
         )
     return key
+
+
+def request_threads(environ: Mapping[str, str] = os.environ) -> int | None:
+    """The request threads of this gunicorn worker, or None when not under gunicorn.conf.py."""
+    raw = environ.get(REQUEST_THREADS_ENV, "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else None
+
+
+def admission_limit(config: Mapping[str, Any], threads: int | None) -> int | None:
+    """MAX_INFLIGHT in effect: the setting, or (0) the request threads minus PROBE_THREADS; None = no limit."""
+    wanted = config["MAX_INFLIGHT"]
+    if threads is None:
+        return wanted or None
+    if not wanted:
+        return max(1, threads - PROBE_THREADS)
+    if wanted > threads - PROBE_THREADS:
+        logger.warning(
+            "MAX_INFLIGHT=%d of %d request threads leaves fewer than %d for /healthz, /readyz and /metrics: "
+            "they may wait behind inference under load",
+            wanted,
+            threads,
+            PROBE_THREADS,
+        )
+    return wanted

@@ -167,7 +167,8 @@ CATALOGUE: tuple[ErrorKind, ...] = (
     ErrorKind(
         "busy",
         503,
-        "inference did not finish within the batcher's time limit; retry later",
+        "the worker already has `MAX_INFLIGHT` requests in progress (answered at once, with `Retry-After`), "
+        "or inference did not finish within the batcher's time limit",
         "The server is busy. Please try again in a moment.",
     ),
     # the page's own errors (static/app.js), found before or instead of an answer from the server

@@ -34,7 +34,8 @@ def free_port() -> int:
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This environment without service settings, plus ``extra``; the repository on PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "PROMETHEUS_", "GUNICORN_"))}
-    env.pop("WEB_CONCURRENCY", None)
+    for name in ("WEB_CONCURRENCY", "PORT", "IMGCLF_HOST"):  # where gunicorn.conf.py would bind
+        env.pop(name, None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})
     return env
@@ -51,7 +52,8 @@ class GunicornServer:
 
         ``workers`` and ``threads`` left as None are gunicorn.conf.py's choice. ``app``, ``config`` and
         ``args`` start something else under gunicorn (bench's naive baseline); ``env`` comes last and wins,
-    except that the bind is always added to its GUNICORN_CMD_ARGS.
+    except that the bind is always added to its GUNICORN_CMD_ARGS. ``port_from_env``: no bind anywhere,
+    only ``PORT`` (as Cloud Run starts a container), which gunicorn.conf.py binds on 127.0.0.1.
     """
 
     def __init__(
@@ -66,15 +68,19 @@ class GunicornServer:
         app: str = SERVICE_APP,
         config: str | None = "gunicorn.conf.py",
         name: str = "service",
+        port_from_env: bool = False,
     ) -> None:
         self.name = name
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.args = [*(["--config", config] if config else []), *args, app]
         extra = dict(env or {})
-        # the caller's own gunicorn options stay, with our bind after them
+        # the caller's own gunicorn options stay, with our bind after them; or only PORT, no bind at all
         own_args = extra.pop("GUNICORN_CMD_ARGS", "")
-        settings = {"GUNICORN_CMD_ARGS": f"{own_args} --bind 127.0.0.1:{self.port}".strip()}
+        if port_from_env:
+            settings = {"PORT": str(self.port), **({"GUNICORN_CMD_ARGS": own_args} if own_args else {})}
+        else:
+            settings = {"GUNICORN_CMD_ARGS": f"{own_args} --bind 127.0.0.1:{self.port}".strip()}
         if model_dir is not None:
             settings["FLASK_MODEL_DIR"] = str(model_dir)
         if workers is not None:

@@ -67,6 +67,19 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("imgclf_images", "Images classified", ["model"], registry=r)
+        self.rejected = Counter(
+            "imgclf_rejected_requests",
+            "Requests refused at once with 503 busy: the worker already had MAX_INFLIGHT in progress",
+            ["endpoint"],
+            registry=r,
+        )
+        self.in_progress = Gauge(
+            "imgclf_requests_in_progress",
+            "Requests admitted to decoding and inference right now (summed over live workers)",
+            ["endpoint"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.load_seconds = Gauge(
             "imgclf_model_load_seconds",
             "Time to load and warm up a model (the slowest worker)",

@@ -18,6 +18,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, render_template, request, url_for
 
 from model import version as release
+from serving.admission import admitted
 from serving.api import classify, parse_top_k, pick_model, read_uploads, registry
 from serving.error_catalogue import PAGE_MESSAGES
 from serving.errors import ApiError, handle_error
@@ -45,6 +46,10 @@ PAGE_HEADERS = {
 }
 
 
+# headers of an error answer the page keeps: when to retry (503 busy)
+KEPT_ERROR_HEADERS = ("Retry-After",)
+
+
 @bp.after_request
 def _page_headers(response: Response) -> Response:
     if response.mimetype == "text/html":
@@ -58,6 +63,7 @@ def index() -> str:
 
 
 @bp.post("/")
+@admitted
 def classify_form() -> tuple[str, int]:
     """The form posted without JavaScript: same inference as /predict, answered with the page."""
     started = time.perf_counter()
@@ -83,12 +89,13 @@ def classify_form() -> tuple[str, int]:
 
 
 @bp.errorhandler(Exception)
-def page_error(exc: Exception) -> tuple[str, int]:
+def page_error(exc: Exception) -> tuple[str, int, dict[str, str]]:
     """The API's error handling (status, code, logging, request id), shown as the page with a message."""
     response = handle_error(exc)
     error = response.get_json()["error"]
     message = human_message(error["code"], error["message"]).replace("{request_id}", error.get("request_id", "-"))
-    return render_page(error=message), response.status_code
+    kept = {name: response.headers[name] for name in KEPT_ERROR_HEADERS if name in response.headers}
+    return render_page(error=message), response.status_code, kept
 
 
 def check_form_api_key() -> None:

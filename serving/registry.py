@@ -113,13 +113,27 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and all(m.batcher.alive for m in self.models.values())
+        """Readiness: the load balancer may send requests here."""
+        return not self.draining and self.serving
+
+    @property
+    def serving(self) -> bool:
+        """Requests can still be answered: every batcher runs (also while draining, until ``close``)."""
+        return all(m.batcher.alive for m in self.models.values())
 
     def get(self, name: str | None) -> ServedModel | None:
         return self.models.get(name or self.default)
 
     def names(self) -> list[str]:
         return list(self.models)
+
+    def start_draining(self) -> None:
+        """Readiness turns false so the load balancer stops sending; requests that already arrived (in
+        flight, or still on their way to a request thread) are answered as usual.
+
+        Only sets a flag: it is called from the worker's SIGTERM handler.
+        """
+        self.draining = True
 
     def close(self) -> None:
         """Stop taking requests (readiness turns false); queued ones are still answered."""

@@ -150,7 +150,25 @@ class DeadlineThreadWorker(ThreadWorker):
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
+        # the app itself, kept before wrapping: the drain (here and in gunicorn.conf.py) reaches its models
+        self.flask_app = self.wsgi
         self.wsgi = close_when_body_left(self.wsgi)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """SIGTERM: gthread stops accepting and finishes the connections it has (up to graceful_timeout).
+        Readiness turns 503 now, not when the worker has exited, so that the load balancer sees the pod
+        go while the requests it already sent are answered. Runs as a signal handler: it only sets a
+        flag; the log line is written by the worker's main loop.
+        """
+        stopping = self.alive
+        super().handle_exit(sig, frame)
+        registry = models_of(self)
+        if stopping and registry is not None:
+            registry.start_draining()
+            self.method_queue.defer(self._log_draining)
+
+    def _log_draining(self) -> None:
+        self.log.info("draining: /readyz answers 503 from now on; finishing %d open connections", self.nr_conns)
 
     def accept(self, listener: socket.socket) -> None:
         try:
@@ -181,6 +199,12 @@ class DeadlineThreadWorker(ThreadWorker):
         if getattr(conn, "expired", False):
             return False
         return super()._keepalive_after(conn, keepalive)
+
+
+def models_of(worker: Any) -> Any:
+    """The app's ModelRegistry (serving/registry.py) once the worker has loaded the app, else None."""
+    extensions = getattr(getattr(worker, "flask_app", None), "extensions", None)
+    return extensions.get("imgclf.models") if isinstance(extensions, dict) else None
 
 
 def close_when_body_left(app: Any) -> Any:

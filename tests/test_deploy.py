@@ -84,7 +84,8 @@ INTENDED_IMAGE = {
         "PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin",
         "PYTHONUNBUFFERED=1",
         "FLASK_MODEL_DIR=/app/models",
-        "GUNICORN_CMD_ARGS=--bind 0.0.0.0:8000 --worker-tmp-dir /dev/shm",
+        "GUNICORN_CMD_ARGS=--worker-tmp-dir /dev/shm",
+        "IMGCLF_HOST=0.0.0.0",
     ],
     "Cmd": ["gunicorn", "--config", "gunicorn.conf.py", "app:create_app()"],
     "Entrypoint": None,
@@ -108,7 +109,9 @@ INTENDED_IMAGE = {
         ({"Env": [*INTENDED_IMAGE["Env"][:3], "GUNICORN_CMD_ARGS=--bind 127.0.0.1:8000"]}, "default bind"),
         ({"Env": [*INTENDED_IMAGE["Env"], "FLASK_MODEL_DRI=/models"]}, "not settings of serving/config.py"),
         ({"Env": ["PATH=/usr/bin", *INTENDED_IMAGE["Env"][1:]]}, "PATH"),
-        ({"Env": [*INTENDED_IMAGE["Env"][:2], "FLASK_MODEL_DIR=/models", INTENDED_IMAGE["Env"][3]]}, "ConfigMap"),
+        ({"Env": [*INTENDED_IMAGE["Env"][:2], "FLASK_MODEL_DIR=/models", *INTENDED_IMAGE["Env"][3:]]}, "ConfigMap"),
+        ({"Env": INTENDED_IMAGE["Env"][:4]}, "gunicorn's default bind is 127.0.0.1:8000"),  # no IMGCLF_HOST
+        ({"Env": [*INTENDED_IMAGE["Env"], "PORT=9000"]}, "gunicorn's default bind is 0.0.0.0:9000"),
     ],
 )
 def test_smoke_judges_the_images_settings(change, complaint):
@@ -276,13 +279,29 @@ def test_healthcheck_asks_the_real_service(port, monkeypatch):
     assert healthcheck.main(parser.parse_args(["--timeout", "2"])) == 1
 
 
+def test_healthcheck_follows_port_when_no_bind_is_given(port, monkeypatch):
+    """As under Cloud Run: only PORT is set (docker-check's DOCKER_BIND=port), the image's IMGCLF_HOST=0.0.0.0."""
+    parser = healthcheck.get_args_parser()
+    monkeypatch.setenv("GUNICORN_CMD_ARGS", "--worker-tmp-dir /dev/shm")
+    monkeypatch.setenv("IMGCLF_HOST", "0.0.0.0")
+    monkeypatch.setenv("PORT", str(port))
+    assert healthcheck.main(parser.parse_args([])) == 0
+    monkeypatch.setenv("PORT", str(free_port()))  # nothing listens there
+    assert healthcheck.main(parser.parse_args(["--timeout", "2"])) == 1
+    monkeypatch.setenv("GUNICORN_CMD_ARGS", f"--bind 0.0.0.0:{port}")  # an explicit bind wins over PORT
+    assert healthcheck.main(parser.parse_args([])) == 0
+
+
 def test_healthcheck_fails_while_the_service_drains(tmp_path, monkeypatch):
     tiny_bundle(tmp_path / "tiny.pth", ["a", "b"])
     draining = create_app({"MODEL_DIR": str(tmp_path), "DEFAULT_MODEL": "tiny"})
-    draining.extensions["imgclf.models"].close()  # what gunicorn.conf.py does on SIGTERM
-    with serve(draining) as drained_port:
-        monkeypatch.setenv("GUNICORN_CMD_ARGS", f"--bind 0.0.0.0:{drained_port}")
-        assert healthcheck.main(healthcheck.get_args_parser().parse_args([])) == 1
+    draining.extensions["imgclf.models"].start_draining()  # what the worker does on SIGTERM
+    try:
+        with serve(draining) as drained_port:
+            monkeypatch.setenv("GUNICORN_CMD_ARGS", f"--bind 0.0.0.0:{drained_port}")
+            assert healthcheck.main(healthcheck.get_args_parser().parse_args([])) == 1
+    finally:
+        draining.extensions["imgclf.models"].close()
 
 
 def test_the_ci_smoke_test_passes_on_the_real_service(port, capsys):

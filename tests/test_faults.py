@@ -37,7 +37,10 @@ def model_dir(make_model_folder) -> Path:
 
 def test_sigkill_a_worker_under_load(model_dir: Path, tmp_path: Path, photos) -> None:
     chelsea = photos["chelsea"].read_bytes()
-    srv = GunicornServer(model_dir, tmp_path / "gunicorn.log", workers=2, threads=4).start()
+    # as many admission slots as request threads: only the worker's death may fail a request here
+    srv = GunicornServer(
+        model_dir, tmp_path / "gunicorn.log", workers=2, threads=4, env={"FLASK_MAX_INFLIGHT": "4"}
+    ).start()
     try:
         assert srv.proc is not None
         before = worker_pids(srv.proc.pid)

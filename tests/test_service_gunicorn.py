@@ -24,7 +24,11 @@ TINY_CLASSES = ["cirrus", "cumulus", "nimbus"]
 def server(tmp_path_factory: pytest.TempPathFactory, make_model_folder):
     folder = make_model_folder("gunicorn-models")
     tiny_bundle(folder / "clouds.pth", TINY_CLASSES)
-    srv = GunicornServer(folder, tmp_path_factory.mktemp("logs") / "gunicorn.log", workers=2, threads=4)
+    # as many admission slots as request threads: 12 clients here must all be answered, never shed
+    # (tests/test_admission.py is about shedding)
+    srv = GunicornServer(
+        folder, tmp_path_factory.mktemp("logs") / "gunicorn.log", workers=2, threads=4, env={"FLASK_MAX_INFLIGHT": "4"}
+    )
     srv.start()
     yield srv
     srv.stop()
