@@ -206,7 +206,7 @@ def worst_case_png() -> bytes:
 
     width, height = 8000, 5000
     ramp = np.linspace(0, 65535, width, dtype=np.uint16)
-    img = Image.fromarray(np.broadcast_to(ramp, (height, width)).copy(), mode="I;16")
+    img = Image.fromarray(np.broadcast_to(ramp, (height, width)).copy())  # uint16: mode I;16
     out = io.BytesIO()
     img.save(out, format="PNG", compress_level=9)
     return out.getvalue()
