@@ -7,7 +7,6 @@ import io
 import logging
 import re
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from serving.logs import EscapeControl, escape_control
 from tests.support.bundles import tiny_bundle
 from tests.support.hostile import multipart
 from tests.support.images import image_bytes
-from tests.support.service import closing_app, metric_samples
+from tests.support.service import closing_app, logs_of_failed_starts, metric_samples
 
 TINY_CLASSES = ["red square", "green circle", "blue star"]
 REQUESTS_METRIC = "imgclf_http_requests_total"
@@ -158,21 +157,7 @@ def test_gunicorn_refuses_to_start_with_an_empty_or_null_api_key(tmp_path: Path,
                                          env={"FLASK_API_KEY": value, "FLASK_DEFAULT_MODEL": "tiny"})
         for value in ("", "null")
     }  # fmt: skip
-    errors: dict[str, RuntimeError] = {}
-
-    def start(name: str) -> None:
-        try:
-            servers[name].start(timeout=120)
-        except RuntimeError as exc:
-            errors[name] = exc
-
-    with ThreadPoolExecutor(len(servers)) as pool:  # both starts at once: the failures are what we wait for
-        list(pool.map(start, servers))
-    for name, srv in servers.items():
-        srv.stop()
-        assert name in errors, f"{name}: the server started"
-        assert srv.proc is not None and srv.proc.returncode not in (0, None), name
-        log = srv.log()
+    for log in logs_of_failed_starts(servers).values():
         assert "ConfigError: API_KEY is set but empty" in log, log[-3000:]
         assert "Worker failed to boot" in log
 

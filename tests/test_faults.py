@@ -23,6 +23,7 @@ from model.bundle import Bundle, load_bundle, read_bundle
 from serving.launcher import GunicornServer, worker_pids
 from tests.support.bundles import tiny_bundle
 from tests.support.photos import CAT_LABELS, top_label
+from tests.support.service import logs_of_failed_starts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,21 +179,7 @@ def _bad_bundles(folder: Path, default_bundle: Path) -> dict[str, tuple[Path, st
 def test_bad_bundles_stop_the_server_with_a_clear_message(tmp_path: Path, default_bundle: Path) -> None:
     bad = _bad_bundles(tmp_path, default_bundle)
     servers = {name: GunicornServer(d, tmp_path / f"{name}.log") for name, (d, _) in bad.items()}
-    errors: dict[str, BaseException] = {}
-
-    def start(name: str) -> None:
-        try:
-            servers[name].start(timeout=120)
-        except RuntimeError as exc:
-            errors[name] = exc
-
-    with ThreadPoolExecutor(len(servers)) as pool:  # four starts at once: the failures are what we wait for
-        list(pool.map(start, servers))
-    for name, srv in servers.items():
-        srv.stop()
-        assert name in errors, f"{name}: the server started"
-        assert srv.proc is not None and srv.proc.returncode not in (0, None), name
-        log = srv.log()
+    for name, log in logs_of_failed_starts(servers).items():  # four starts at once
         assert bad[name][1] in log, (name, log[-2000:])
         assert "Worker failed to boot" in log or "Reason: Worker failed to boot" in log
     assert not (tmp_path / "pwned").exists(), "unpickling ran the payload"

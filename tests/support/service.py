@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
 from app import create_app
+from serving.launcher import GunicornServer
 
 
 @contextmanager
@@ -27,3 +29,25 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
             key, _, value = line.rpartition(" ")
             found[key[len(name) :]] = float(value)
     return found
+
+
+def logs_of_failed_starts(servers: Mapping[str, GunicornServer]) -> dict[str, str]:
+    """Start every server at once (their failures are what is waited for), check that each one failed
+    with a non-zero exit, and return each one's log."""
+    errors: dict[str, RuntimeError] = {}
+
+    def start(name: str) -> None:
+        try:
+            servers[name].start(timeout=120)
+        except RuntimeError as exc:
+            errors[name] = exc
+
+    with ThreadPoolExecutor(len(servers)) as pool:
+        list(pool.map(start, servers))
+    logs = {}
+    for name, srv in servers.items():
+        srv.stop()
+        assert name in errors, f"{name}: the server started"
+        assert srv.proc is not None and srv.proc.returncode not in (0, None), name
+        logs[name] = srv.log()
+    return logs
