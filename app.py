@@ -14,7 +14,14 @@ from flask import Flask
 from serving.admission import EXTENSION as ADMISSION
 from serving.admission import Admission
 from serving.api import bp as api_blueprint
-from serving.config import DEFAULTS, admission_limit, check_config, read_raw_environment, request_threads
+from serving.config import (
+    DEFAULTS,
+    admission_limit,
+    admission_waiting_room,
+    check_config,
+    read_raw_environment,
+    request_threads,
+)
 from serving.errors import register_error_handler
 from serving.http import install_request_hooks
 from serving.metrics import Metrics
@@ -39,7 +46,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     metrics = Metrics()
     app.extensions["imgclf.metrics"] = metrics
-    app.extensions[ADMISSION] = Admission(admission_limit(app.config, request_threads()))
+    app.extensions[ADMISSION] = admission(app)
     app.extensions["imgclf.models"] = load_models(app, metrics)
 
     install_request_hooks(app)
@@ -65,3 +72,10 @@ def load_models(app: Flask, metrics: Metrics) -> ModelRegistry:
     for served in registry.models.values():
         metrics.load_seconds.labels(served.name).set(served.load_seconds)
     return registry
+
+
+def admission(app: Flask) -> Admission:
+    threads = request_threads()
+    limit = admission_limit(app.config, threads)
+    waiting = admission_waiting_room(limit, threads)
+    return Admission(limit, waiting=waiting, wait_s=app.config["ADMISSION_WAIT_MS"] / 1000)

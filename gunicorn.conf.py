@@ -1,11 +1,12 @@
 """gunicorn settings for ``gunicorn --config gunicorn.conf.py "app:create_app()"`` (what `make run` does).
 
 The choices, and why:
-- 1 worker process with 8 gthread request threads: the threads decode and preprocess uploads in
-  parallel and hand their tensors to the worker's dynamic batcher, which runs one forward pass for up
-  to 8 waiting images (FLASK_BATCH_MAX_SIZE). One worker means one copy of the models in memory and
-  one place where batches form. The model (ONNX Runtime by default, FLASK_BACKEND) gets every CPU
-  this worker may use (FLASK_TORCH_THREADS, set below to CPUs // workers, sched_getaffinity aware), so
+- 1 worker process with 24 gthread request threads: up to 6 of them (FLASK_MAX_INFLIGHT) decode and
+  preprocess uploads in parallel and hand their tensors to the worker's dynamic batcher, which runs one
+  forward pass for up to 8 waiting images (FLASK_BATCH_MAX_SIZE); up to 16 more requests wait for a
+  slot (FLASK_ADMISSION_WAIT_MS) instead of being refused; 2 always answer probes (serving/admission.py).
+  One worker means one copy of the models in memory and one place where batches form. The model (ONNX
+  Runtime by default, FLASK_BACKEND) gets every CPU this worker may use (FLASK_TORCH_THREADS, set below to CPUs // workers, sched_getaffinity aware), so
   workers × model threads never exceed the cores. bench/serve.py compares 1 worker × N model threads
   with N workers × 1 thread (--variant w2:WEB_CONCURRENCY=2; docs/performance.md): neither won
   consistently, so one worker (one copy of the models) stays the default. More workers: WEB_CONCURRENCY=2
@@ -51,7 +52,7 @@ bind = _default_bind()
 workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 # gthread plus a deadline for receiving each request (serving/worker.py): slow clients cannot hold threads
 worker_class = "serving.worker.DeadlineThreadWorker"
-threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+threads = int(os.environ.get("GUNICORN_THREADS", "24"))
 timeout = 60
 graceful_timeout = 30
 keepalive = 5

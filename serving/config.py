@@ -53,10 +53,14 @@ DEFAULTS: dict[str, Any] = {
     "BATCH_MAX_DELAY_MS": 0.0,
     # when set, POST /predict needs `Authorization: Bearer <key>`; at least API_KEY_MIN_LENGTH characters
     "API_KEY": None,
-    # most requests of one worker decoding and inferring at once (POST /predict, POST /); more get 503 busy
-    # with Retry-After. 0 = the worker's request threads minus PROBE_THREADS (at least 1): the threads left
-    # answer /healthz, /readyz and /metrics while every admitted request is busy. No limit outside gunicorn.
+    # most requests of one worker decoding and inferring at once (POST /predict, POST /). 0 = the worker's
+    # request threads minus PROBE_THREADS, at most INFLIGHT_AUTO_MAX. The request threads left beyond those
+    # and PROBE_THREADS form a waiting room: a request finding no free slot waits there up to
+    # ADMISSION_WAIT_MS for one; with the room full, or after that wait, it gets 503 busy with Retry-After.
+    # The PROBE_THREADS never wait, so /healthz, /readyz and /metrics answer under any load.
+    # No limit outside gunicorn.
     "MAX_INFLIGHT": 0,
+    "ADMISSION_WAIT_MS": 1000,
 }
 
 API_KEY_MIN_LENGTH = 16
@@ -66,6 +70,9 @@ RAW_STRING_SETTINGS = ("API_KEY",)
 
 # request threads kept out of admission for probes and scrapes (Kubernetes' liveness and readiness, Prometheus)
 PROBE_THREADS = 2
+# the automatic MAX_INFLIGHT at most: more parallel decodes buy nothing on a few cores (one batcher runs the
+# model), and each costs up to one worst-case image of memory (deploy/k8s is sized for this many)
+INFLIGHT_AUTO_MAX = 6
 # set by gunicorn.conf.py in each worker: the request threads gunicorn gave it (--threads, GUNICORN_THREADS)
 REQUEST_THREADS_ENV = "IMGCLF_REQUEST_THREADS"
 
@@ -79,6 +86,7 @@ INT_SETTINGS = {
     "TOP_K_MAX": 1,
     "BATCH_MAX_SIZE": 1,
     "MAX_INFLIGHT": 0,
+    "ADMISSION_WAIT_MS": 0,
 }
 
 
@@ -157,12 +165,13 @@ def request_threads(environ: Mapping[str, str] = os.environ) -> int | None:
 
 
 def admission_limit(config: Mapping[str, Any], threads: int | None) -> int | None:
-    """MAX_INFLIGHT in effect: the setting, or (0) the request threads minus PROBE_THREADS; None = no limit."""
+    """MAX_INFLIGHT in effect: the setting, or (0) the request threads minus PROBE_THREADS (at most
+    INFLIGHT_AUTO_MAX); None = no limit."""
     wanted = config["MAX_INFLIGHT"]
     if threads is None:
         return wanted or None
     if not wanted:
-        return max(1, threads - PROBE_THREADS)
+        return max(1, min(threads - PROBE_THREADS, INFLIGHT_AUTO_MAX))
     if wanted > threads - PROBE_THREADS:
         logger.warning(
             "MAX_INFLIGHT=%d of %d request threads leaves fewer than %d for /healthz, /readyz and /metrics: "
@@ -172,3 +181,10 @@ def admission_limit(config: Mapping[str, Any], threads: int | None) -> int | Non
             PROBE_THREADS,
         )
     return wanted
+
+
+def admission_waiting_room(limit: int | None, threads: int | None) -> int:
+    """How many requests may wait for a slot: the request threads beyond the admitted and the probes'."""
+    if limit is None or threads is None:
+        return 0
+    return max(0, threads - PROBE_THREADS - limit)

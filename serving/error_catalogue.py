@@ -167,8 +167,9 @@ CATALOGUE: tuple[ErrorKind, ...] = (
     ErrorKind(
         "busy",
         503,
-        "the worker already has `MAX_INFLIGHT` requests in progress (answered at once, with `Retry-After`), "
-        "or inference did not finish within the batcher's time limit",
+        "the worker has `MAX_INFLIGHT` requests in progress and no slot freed up within `ADMISSION_WAIT_MS` "
+        "(or its waiting room is full); with `Retry-After`. Also: inference did not finish within the "
+        "batcher's time limit",
         "The server is busy. Please try again in a moment.",
     ),
     # the page's own errors (static/app.js), found before or instead of an answer from the server

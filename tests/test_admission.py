@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from serving.admission import RETRY_AFTER_S, Admission
-from serving.config import ConfigError, admission_limit, check_config, request_threads
+from serving.config import ConfigError, admission_limit, admission_waiting_room, check_config, request_threads
 from serving.launcher import GunicornServer
 from tests.support.bundles import tiny_bundle
 from tests.support.service import closing_app, metric_samples
@@ -26,10 +26,54 @@ PROBES = ("/healthz", "/readyz", "/metrics")
 
 @pytest.mark.parametrize(
     ("setting", "threads", "limit"),
-    [(0, 8, 6), (0, 4, 2), (0, 3, 1), (0, 1, 1), (5, 8, 5), (8, 8, 8), (0, None, None), (3, None, 3)],
+    [
+        (0, 16, 6),
+        (0, 8, 6),
+        (0, 4, 2),
+        (0, 3, 1),
+        (0, 1, 1),
+        (5, 8, 5),
+        (8, 8, 8),
+        (0, None, None),
+        (3, None, 3),
+    ],
 )
 def test_the_default_limit_leaves_two_request_threads_for_probes(setting, threads, limit) -> None:
     assert admission_limit({"MAX_INFLIGHT": setting}, threads) == limit
+
+
+@pytest.mark.parametrize(
+    ("limit", "threads", "room"), [(6, 16, 8), (6, 8, 0), (2, 4, 0), (8, 8, 0), (4, 12, 6), (None, 8, 0), (3, None, 0)]
+)
+def test_the_threads_beyond_the_admitted_and_the_probes_are_the_waiting_room(limit, threads, room) -> None:
+    assert admission_waiting_room(limit, threads) == room
+
+
+def test_a_request_waits_for_a_slot_in_the_room_and_is_refused_when_the_room_is_full() -> None:
+    gate = Admission(1, waiting=1, wait_s=2.0)
+    assert gate.try_enter()  # the one slot
+    waited: list[bool] = []
+    waiter = threading.Thread(target=lambda: waited.append(gate.try_enter()))
+    waiter.start()
+    deadline = time.monotonic() + 2
+    while gate._waiters == 0 and time.monotonic() < deadline:  # the waiter is in the room
+        time.sleep(0.01)
+    started = time.perf_counter()
+    assert not gate.try_enter()  # the room is full: refused at once, no waiting
+    assert time.perf_counter() - started < 0.05
+    gate.leave()  # the slot frees up: the waiter takes it
+    waiter.join(timeout=5)
+    assert waited == [True]
+    gate.leave()
+
+
+def test_a_wait_in_the_room_ends_in_a_refusal_after_the_admission_wait() -> None:
+    gate = Admission(1, waiting=4, wait_s=0.2)
+    assert gate.try_enter()
+    started = time.perf_counter()
+    assert not gate.try_enter()
+    assert 0.15 < time.perf_counter() - started < 2
+    assert Admission(1, waiting=4, wait_s=0).waiting == 0  # no wait: no room
 
 
 def test_request_threads_come_from_the_worker_environment() -> None:
