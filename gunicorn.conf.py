@@ -7,11 +7,11 @@ The choices, and why:
   slot (FLASK_ADMISSION_WAIT_MS) instead of being refused; 2 always answer probes (serving/admission.py).
   One worker means one copy of the models in memory and one place where batches form. The model (ONNX
   Runtime by default, FLASK_BACKEND) gets every CPU this worker may use (FLASK_TORCH_THREADS, set below
-  to CPUs // workers, sched_getaffinity aware), so workers × model threads never exceed the cores. bench/serve.py compares 1 worker × N model threads
-  with N workers × 1 thread (--variant w2:WEB_CONCURRENCY=2; docs/performance.md): neither won
-  consistently, so one worker (one copy of the models) stays the default. More workers: WEB_CONCURRENCY=2
-  (each then gets 1 thread); more request threads: GUNICORN_THREADS. Both can also be given on the
-  command line or in GUNICORN_CMD_ARGS.
+  to CPUs // workers, sched_getaffinity aware), so workers × model threads never exceed the cores.
+  bench/serve.py compares 1 worker × N model threads with N workers × 1 thread (--variant
+  w2:WEB_CONCURRENCY=2; docs/performance.md): neither won consistently, so one worker (one copy of the
+  models) stays the default. More workers: WEB_CONCURRENCY=2 (each then gets 1 thread); more request
+  threads: GUNICORN_THREADS. Both can also be given on the command line or in GUNICORN_CMD_ARGS.
 - Each worker makes glibc keep freed memory (serving/allocator.py, in post_fork: mmap and trim thresholds
   raised, checked with a probe): otherwise glibc returns large freed blocks to the kernel and every
   batched forward pass faults its activations back in.
