@@ -239,8 +239,10 @@ def render_peers(data: dict[str, Any]) -> list[str]:
     rows = []
     for name, cfg in data["servers"].items():
         versions = ", ".join(f"{k} {v}" for k, v in cfg.get("versions", {}).items()) or "this environment"
-        rows.append([name, cfg["kind"], shape(cfg), versions, f"{cfg.get('ready_s', 0):.1f}"])
-    lines = table(["server", "kind", "workers × model threads, batching", "versions", "ready after, s"], rows)
+        rows.append([name, cfg["kind"], shape(cfg), versions, f"{cfg.get('ready_s', 0):.1f}",
+                     cfg.get("top1_same_as_service", "-")])  # fmt: skip
+    lines = table(["server", "kind", "workers × model threads, batching", "versions", "ready after, s",
+                   "top-1 same as the service's"], rows)  # fmt: skip
     lines += ["", *summary_lines(data, levels), "", *memory_lines(data)]
     versus = [[w, v["best_peer"], f"{v['req_s_ratio']:.2f}", "-" if v["p50_ratio"] is None else f"{v['p50_ratio']:.2f}",
                f"{v['pss_ratio']:.2f}"] for w, v in data["versus_best_peer"].items() if v]  # fmt: skip

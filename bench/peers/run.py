@@ -37,6 +37,7 @@ from bench.common import cpu_info, process_tree, write_results
 from bench.limit import measure as measure_limit
 from bench.serve import (
     _ints,
+    multipart,
     prepare_model_dir,
     print_table,
     quick_defaults,
@@ -220,6 +221,23 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def top1_labels(port: int, photos: list[Any]) -> list[str | None]:
+    """Each photo sent once: the top label of each answer (BentoML wraps a batchable API's answer in a list)."""
+    labels: list[str | None] = []
+    for photo in photos:
+        body, ctype = multipart(*photo)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=body, headers={"Content-Type": ctype})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:  # noqa: S310 - our http URL
+                answer = json.loads(r.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+            labels.append(None)
+            continue
+        answer = answer[0] if isinstance(answer, list) and answer else answer
+        labels.append(answer["predictions"][0]["label"] if isinstance(answer, dict) else None)
+    return labels
+
+
 def parse_config(text: str) -> tuple[str, str, dict[str, int]]:
     """'litserve:w1t2:workers=1,threads=2' -> (kind, name, settings over the kind's best ones)."""
     kind, name, spec = (text.split(":", 2) + ["", ""])[:3]
@@ -268,6 +286,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             for s in servers:
                 s.start()
                 configs[s.name]["ready_s"] = s.ready_s
+            # the same model and preprocessing: every server's top-1 on every photo, against the service's
+            top1 = {s.name: [label for w in workloads.values() for label in top1_labels(s.port, w)] for s in servers}
+            for name, labels in top1.items():
+                same = sum(a == b for a, b in zip(labels, top1["service"], strict=True))
+                configs[name]["top1_same_as_service"] = f"{same}/{len(labels)}"
             cells, memory = run_load(servers, workloads, levels, args.rounds, args.requests)
         finally:
             for s in servers:
