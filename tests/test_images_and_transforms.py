@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from model.images import ImageDecodeError, decode_image
+from model.pixels import to_model_mode
 from model.preprocessing import Preprocessing
-from model.transforms import TrainAugment, build_eval_transform, build_train_transform, to_model_mode
+from model.transforms import TrainAugment, build_eval_transform, build_train_transform
 
 PREP = Preprocessing(resize=36, crop=32, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], interpolation="bilinear",
                      channels=3)  # fmt: skip

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from model.bundle import plain, read_bundle
-from model.predictor import available_cpus, resolve_device
+from model.predictor import available_cpus
 from model.preprocessing import Preprocessing
 from model.registry import pretrained_preprocessing
+from model.torch_predictor import resolve_device
 from model.transforms import TrainAugment
 from training import flags
 from training.checkpoint import read_resume

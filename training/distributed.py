@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.predictor import resolve_device
+from model.torch_predictor import resolve_device
 from training.config import TrainConfig
 from training.engine import EpochResult
 

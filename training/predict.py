@@ -14,7 +14,7 @@ from typing import Any
 
 from model.bundle import BundleError
 from model.images import ImageDecodeError, decode_image
-from model.predictor import TorchPredictor
+from model.torch_predictor import TorchPredictor
 
 logger = logging.getLogger("training.predict")
 
