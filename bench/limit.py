@@ -14,8 +14,10 @@ Two rates, measured in the same run on the CPUs this process may use (``os.sched
 The CPU is shared: every photo needs 1/D of the whole machine to be decoded and 1/M of it for the
 model, so at best limit = 1 / (1/D + 1/M) photos/s, whatever a server does with processes, threads
 and batches (HTTP parsing, copies and answers only lower it). A server's req/s ÷ this limit is how
-much of the machine it turns into answers. ``--pipeline plain`` measures D with the peers' handler
-(bench/peers/plain.py) instead, for a limit of what a plain Pillow + numpy pipeline would allow.
+much of the machine it turns into answers. (M is one session using every CPU, as the issue defines it;
+one single-threaded session per CPU can do a little better, more so while other jobs share the CPUs,
+so a server of one process per core can come out slightly above 1.0.) ``--pipeline plain`` measures D
+with the peers' handler (bench/peers/plain.py) instead: the limit a plain Pillow + numpy pipeline allows.
 """
 
 from __future__ import annotations
@@ -68,29 +70,6 @@ def read_preprocessing(onnx_path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(session.get_modelmeta().custom_metadata_map["preprocessing"])
 
 
-def project_prepare() -> tuple[Any, str]:
-    """The service's preprocessing, ``prepare(img, prep) -> uint8 (C, crop, crop)``, and its name.
-
-    ``model.pixels.prepare`` where it exists; before it, the eval geometry of ``model.transforms``
-    (the same pixels, through torchvision) and one array conversion.
-    """
-    try:
-        from model.pixels import prepare
-
-        return prepare, "model.pixels.prepare"
-    except ImportError:
-        from model.transforms import build_eval_geometry
-
-        geometries: dict[Any, Any] = {}
-
-        def prepare_via_transforms(img: Any, prep: Any) -> np.ndarray:
-            geometry = geometries.get(prep) or geometries.setdefault(prep, build_eval_geometry(prep))
-            arr = np.asarray(geometry(img), dtype=np.uint8)
-            return arr[np.newaxis] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-
-        return prepare_via_transforms, "model.transforms.build_eval_geometry"
-
-
 def pipeline(name: str, prep_dict: dict[str, Any]) -> tuple[Any, str]:
     """(bytes -> uint8 (C, crop, crop), description) for a pipeline name."""
     if name == "plain":
@@ -100,11 +79,11 @@ def pipeline(name: str, prep_dict: dict[str, Any]) -> tuple[Any, str]:
     if name != "project":
         raise ValueError(f"unknown pipeline {name!r} (known: {', '.join(PIPELINES)})")
     from model.images import decode_image
+    from model.pixels import prepare
     from model.preprocessing import Preprocessing
 
     prep = Preprocessing.from_dict(prep_dict)
-    prepare, how = project_prepare()
-    return (lambda data: prepare(decode_image(data, draft_size=prep.resize), prep)), f"decode_image + {how}"
+    return (lambda data: prepare(decode_image(data, draft_size=prep.resize), prep)), "decode_image + pixels.prepare"
 
 
 # ---------------------------------------------------------------- D: decode + prepare on every CPU

@@ -29,11 +29,10 @@ def prepare(data: bytes, prep: dict[str, Any]) -> np.ndarray:
     img.draft("RGB", (resize, resize))  # JPEG only: the smallest DCT scale keeping both sides >= resize
     img = ImageOps.exif_transpose(img)
     img = img.convert("L" if prep.get("channels", 3) == 1 else "RGB")
-    width, height = img.size
-    scale = resize / min(width, height)
-    size = (max(resize, round(width * scale)), max(resize, round(height * scale)))
+    width, height = img.size  # torchvision's Resize and CenterCrop rules, as a port of its transforms has them
+    size = (resize, int(resize * height / width)) if width <= height else (int(resize * width / height), resize)
     img = img.resize(size, _RESAMPLE[prep.get("interpolation", "bilinear")])
-    left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
+    left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
     arr = np.asarray(img.crop((left, top, left + crop, top + crop)))
     return arr[np.newaxis] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 

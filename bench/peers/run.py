@@ -43,6 +43,7 @@ from bench.serve import (
     quick_defaults,
     ratios,
     run_load,
+    service_threads,
     summarize,
     summarize_limits,
 )
@@ -276,7 +277,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         workdir = Path(tmp)
         onnx = prepare_model_dir(bundle, "onnx", workdir / "models")  # the one export every server serves
         servers: list[Any] = [GunicornServer(workdir / "models", workdir / "service.log", name="service")]
-        configs: dict[str, Any] = {"service": {"kind": "this service", "settings": "defaults (gunicorn.conf.py)"}}
+        workers, threads = service_threads({})
+        configs: dict[str, Any] = {
+            "service": {"kind": "this service, defaults", "workers": workers, "threads_per_worker": threads}
+        }
         for kind, name, settings in peers:
             servers.append(PeerServer(kind, name, settings, onnx, pythons[kind], workdir / f"{name}.log"))
             configs[name] = {"kind": kind, "settings": settings, "versions": installed_versions(pythons[kind], kind)}
