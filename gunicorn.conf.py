@@ -7,7 +7,8 @@ The choices, and why:
   its export is missing or stale, checks every export against its bundle, and writes the manifest the
   workers serve from (serving/manifest.py). A bad model folder stops the start there, with one message.
   So neither the master nor an ONNX worker ever imports torch. SIGHUP prepares again (new models).
-- One worker process per CPU this server may use (sched_getaffinity; at most 16, serving/sizing.py),
+- One worker process per CPU this server may use (its affinity and its container's CPU quota, model/cpus.py;
+  at most 16, serving/sizing.py),
   each running the model on one thread (FLASK_TORCH_THREADS = CPUs // workers): decoding a photo costs
   about as much CPU as the model, and processes side by side keep every core busy where threads of one
   process would queue on its GIL. On a GPU host, a few workers share the card (one per 4 CPUs, at most
@@ -66,11 +67,12 @@ bind = _default_bind()
 def _default_workers(environ=os.environ):
     """WEB_CONCURRENCY, else one per CPU this process may use (serving/sizing.py; a GPU host is resized
     once the start-up step has seen the GPU, in on_starting)."""
+    from model.cpus import available_cpus
     from serving.sizing import cpu_sizing
 
     if environ.get("WEB_CONCURRENCY"):
         return int(environ["WEB_CONCURRENCY"])
-    return cpu_sizing(len(os.sched_getaffinity(0))).workers
+    return cpu_sizing(available_cpus()).workers
 
 
 workers = _default_workers()
@@ -121,6 +123,7 @@ def on_reload(server):
 def _prepare_models(server):
     """Run serving.prepare in its own process (torch is loaded there, and gone when it exits) and point
     the workers at the manifest it writes; a model folder that cannot be served stops the start."""
+    from model.cpus import available_cpus
     from serving.sizing import gpu_sizing
 
     folder = Path(tempfile.mkdtemp(prefix="imgclf-manifest-"))  # mode 0700
@@ -137,16 +140,17 @@ def _prepare_models(server):
         shutil.rmtree(Path(old).parent, ignore_errors=True)
     device = json.loads(manifest.read_text())["device"]
     if device == "cuda" and not os.environ.get("WEB_CONCURRENCY"):
-        server.num_workers = gpu_sizing(len(os.sched_getaffinity(0))).workers
+        server.num_workers = gpu_sizing(available_cpus()).workers
     server.log.info("serving on %s with %d worker(s)", device, server.num_workers)
 
 
 def post_fork(server, worker):
+    from model.cpus import available_cpus
     from serving.allocator import tune_glibc_malloc
     from serving.sizing import model_threads
 
     if "FLASK_TORCH_THREADS" not in os.environ:
-        os.environ["FLASK_TORCH_THREADS"] = str(model_threads(len(os.sched_getaffinity(0)), server.num_workers))
+        os.environ["FLASK_TORCH_THREADS"] = str(model_threads(available_cpus(), server.num_workers))
     # the default admission limit (FLASK_MAX_INFLIGHT, serving/config.py) keeps some of these for probes
     os.environ["IMGCLF_REQUEST_THREADS"] = str(server.cfg.threads)
     tune_glibc_malloc()

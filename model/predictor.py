@@ -11,7 +11,6 @@ and in ``logits``.
 from __future__ import annotations
 
 import abc
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from model.cpus import available_cpus
 from model.pixels import prepare_batch
 from model.preprocessing import Preprocessing
 
@@ -26,13 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # the torch backend's number formats on a GPU; auto = half precision where it agrees with fp32
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
-
-def available_cpus() -> int:
-    """CPUs this process may run on (container/affinity aware), not the machine's total."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+__all__ = ["DEVICES", "PRECISIONS", "Predictor", "available_cpus", "softmax", "top_scores"]
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -7,10 +7,13 @@ probes (there is no GPU here: the mocks stand for one).
 
 from __future__ import annotations
 
+import os
+
 import onnxruntime as ort
 import pytest
 import torch
 
+from model.cpus import available_cpus, cgroup_cpu_quota
 from serving.backend_choice import BackendUnavailable, choose_backend
 from serving.manifest import ModelLoadError
 from serving.prepare import probe_backend
@@ -81,3 +84,27 @@ def test_a_gpu_host_gets_a_few_workers(cpus: int, workers: int) -> None:
 
 def test_given_workers_share_the_cpus() -> None:
     assert model_threads(8, 2) == 4 and model_threads(2, 4) == 1
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2.0),  # docker run --cpus 2 (cgroup v2)
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),  # no limit
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_the_containers_cpu_quota_is_read(tmp_path, files: dict[str, str], quota: float | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(tmp_path) == quota
+    expected = len(os.sched_getaffinity(0)) if quota is None else min(len(os.sched_getaffinity(0)), max(1, int(quota)))
+    assert available_cpus(tmp_path) == expected
+
+
+def test_this_process_counts_its_own_cpus() -> None:
+    assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
