@@ -2,7 +2,8 @@
 
     python -m bench.limit [--workload small,phone] [--onnx models/default.onnx] [--quick] [--json PATH]
 
-Two rates, measured in the same run on the CPUs this process may use (``os.sched_getaffinity``):
+Two rates, measured in the same run on the CPUs this process may use (its affinity and its container's
+CPU quota: ``model.cpus.available_cpus``, what the service sizes itself by):
 
 - D, decode + prepare: one process per CPU (no GIL between them), each decoding the workload's photos
   in turn (``model.images.decode_image`` with the JPEG draft to the resize size) and preparing them
@@ -36,6 +37,7 @@ import numpy as np
 
 from bench.common import cpu_info, write_results
 from bench.workloads import Photo, describe, load_workload, parse_workloads
+from model.cpus import available_cpus
 
 PIPELINES = ("project", "plain")
 
@@ -107,7 +109,7 @@ def _decode_worker(photos: list[bytes], prep_dict: dict[str, Any], name: str, se
 def decode_rate(photos: list[Photo], prep_dict: dict[str, Any], name: str = "project", seconds: float = 3.0,
                 cpus: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Photos/s decoded and prepared by ``cpus`` processes at once (default: one per usable CPU)."""
-    cpus = cpus or len(os.sched_getaffinity(0))
+    cpus = cpus or available_cpus()
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(cpus), ctx.Queue()
     data = [d for _, d, _ in photos]
@@ -192,7 +194,7 @@ def model_rate(onnx_path: str | os.PathLike[str], batches: list[int], seconds: f
 
     ``seconds``: timed seconds over all the batch sizes together.
     """
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or available_cpus()
     with mp.get_context("spawn").Pool(1) as pool:
         return pool.apply(_model_worker, (str(onnx_path), batches, seconds / len(batches), threads))
 

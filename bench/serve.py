@@ -225,9 +225,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 def service_threads(env: dict[str, str]) -> tuple[int, int]:
     """(workers, model threads per worker) as gunicorn.conf.py will size them (serving/sizing.py, on CPUs)."""
+    from model.cpus import available_cpus
     from serving.sizing import cpu_sizing, model_threads
 
-    cpus = len(os.sched_getaffinity(0))
+    cpus = available_cpus()
     workers = int(env.get("WEB_CONCURRENCY", "0")) or cpu_sizing(cpus).workers
     per = int(env.get("FLASK_TORCH_THREADS", "0")) or model_threads(cpus, workers)
     return workers, per
