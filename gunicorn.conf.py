@@ -132,7 +132,7 @@ def _prepare_models(server):
     done = subprocess.run(command, check=False)  # noqa: S603 - our own module, no outside input
     if done.returncode != 0:
         shutil.rmtree(folder, ignore_errors=True)
-        server.log.error("the models cannot be served (the reason is above): not starting")
+        server.log.error("not starting: the settings or the models cannot be served (the reason is above)")
         sys.exit(3)  # gunicorn's own exit status when a worker cannot boot
     old = os.environ.get(MANIFEST_ENV)
     os.environ[MANIFEST_ENV] = str(manifest)

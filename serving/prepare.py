@@ -110,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
         config = load_settings(Config(os.getcwd()))
         prepare_models(config).write(args.manifest)
     except (ModelLoadError, ConfigError) as exc:
-        logger.error("%s", exc)
+        logger.error("%s: %s", type(exc).__name__, exc)
         return 1
     return 0
 
