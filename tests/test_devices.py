@@ -116,11 +116,11 @@ def test_amp_auto_on_cuda_prefers_native_bfloat16_else_float16_with_a_scaler(mon
 
 @pytest.mark.parametrize("native_bf16, dtype", [(True, "bfloat16"), (False, "float16")], ids=["ampere", "turing"])
 def test_a_cuda_run_resolves_amp_channels_last_and_pinned_persistent_loaders(
-    fashion_subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native_bf16: bool, dtype: str
+    photo_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native_bf16: bool, dtype: str
 ) -> None:
     """On a (mocked) GPU, the defaults resolve to what the run records in args.json and builds its parts with."""
     fake_gpu(monkeypatch, native_bf16)
-    options = {"data": str(fashion_subset), "out": str(tmp_path / "run"), "workers": 2, "batch_size": 16}
+    options = {"data": str(photo_folder), "out": str(tmp_path / "run"), "workers": 2, "batch_size": 16}
     config = TrainConfig.from_options(options)
     assert (config.device, config.amp, config.amp_dtype, config.channels_last) == ("cuda", "auto", dtype, True)
     saved = config.to_dict()
@@ -141,13 +141,13 @@ def test_a_cuda_run_resolves_amp_channels_last_and_pinned_persistent_loaders(
 
 
 def test_a_cpu_run_keeps_contiguous_unpinned_tensors_and_logs_its_precision(
-    fashion_subset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    photo_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """No mock: on this CPU the default --amp auto follows its flags, and the run says so in its log."""
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="training.train"):
-        args = ["--data", str(fashion_subset), "--out", str(out), "--epochs", "1", "--batch-size", "32",
-                "--quiet", "--workers", "1", "--seed", "3"]  # fmt: skip
+        args = ["--data", str(photo_folder), "--out", str(out), "--epochs", "1", "--batch-size", "32",
+                "--quiet", "--workers", "1", "--seed", "3", "--device", "cpu"]  # fmt: skip
         result = train.main(recipes.parse_args(train.get_args_parser(), args))
     config = result["config"]
     expected = "bfloat16" if cpu_has_native_bf16() else None
@@ -162,13 +162,13 @@ def test_a_cpu_run_keeps_contiguous_unpinned_tensors_and_logs_its_precision(
 # ------------------------------------------------------------------------------------------------- workers
 
 
-def test_persistent_workers_replay_an_epoch_whatever_the_worker_count(fashion_subset: Path, tmp_path: Path) -> None:
+def test_persistent_workers_replay_an_epoch_whatever_the_worker_count(photo_folder: Path, tmp_path: Path) -> None:
     """Workers live across epochs, yet epoch 2's augmented batches are the same whether epoch 1 ran before
     (the uninterrupted run) or not (a run resumed after epoch 1), and with one worker or two."""
 
     def epochs(workers: int, which: list[int]) -> list[list[torch.Tensor]]:
-        options = {"data": str(fashion_subset), "out": str(tmp_path / "run"), "workers": workers, "batch_size": 32,
-                   "hflip": 0.5, "pad": 4, "seed": 5}  # fmt: skip
+        options = {"data": str(photo_folder), "out": str(tmp_path / "run"), "workers": workers, "batch_size": 32,
+                   "hflip": 0.5, "pad": 4, "seed": 5, "device": "cpu"}  # fmt: skip
         config = TrainConfig.from_options(options)
         loader = build_loaders(config, splits_for(config.options()), Session(0, 1, CPU)).train
         assert loader.persistent_workers and loader.num_workers == workers
