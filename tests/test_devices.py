@@ -10,6 +10,7 @@ real data; tests/test_cuda.py runs the same paths on a real GPU (skipped here).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import platform
 from pathlib import Path
@@ -145,10 +146,12 @@ def test_a_cpu_run_keeps_contiguous_unpinned_tensors_and_logs_its_precision(
 ) -> None:
     """No mock: on this CPU the default --amp auto follows its flags, and the run says so in its log."""
     out = tmp_path / "run"
+    children = set(multiprocessing.active_children())
     with caplog.at_level(logging.INFO, logger="training.train"):
         args = ["--data", str(photo_folder), "--out", str(out), "--epochs", "1", "--batch-size", "32",
                 "--quiet", "--workers", "1", "--seed", "3", "--device", "cpu"]  # fmt: skip
         result = train.main(recipes.parse_args(train.get_args_parser(), args))
+    assert set(multiprocessing.active_children()) <= children, "the run's persistent workers outlived it"
     config = result["config"]
     expected = "bfloat16" if cpu_has_native_bf16() else None
     assert (config.device, config.amp_dtype, config.channels_last) == ("cpu", expected, False)

@@ -69,6 +69,17 @@ class Loaders:
     val: DataLoader
     batch_augment: BatchAugment | None  # --batch-aug: the train loader yields uint8 batches this augments
 
+    def close(self) -> None:
+        """Stop the persistent workers now. Left to the interpreter's exit (a finished run's loaders can
+        outlive it in reference cycles), each worker waits out DataLoader's 5 s join timeout before it is
+        killed: 80 s for 16 workers on a GPU machine. DataLoader has no public close; this is what
+        Lightning does."""
+        for loader in (self.train, self.val):
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+            loader._iterator = None
+
 
 def build_loaders(config: TrainConfig, splits: Splits, session: Session) -> Loaders:
     """Training images augmented per image in workers, or cached as one tensor for --batch-aug; validation."""
