@@ -60,5 +60,8 @@ image-gpu: ## docker build -t imgclf:VERSION-gpu (CUDA torch, onnxruntime-gpu), 
 	docker build --build-arg GPU=1 --build-arg VERSION=$(VERSION) \
 		--build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) -t imgclf:$(VERSION)-gpu -t imgclf:gpu .
 
+gpu-check: setup ## on a CUDA machine: CUDA tests, model and service on the GPU beside the CPU backend, AMP training (one JSON)
+	$(PY) -m bench.gpu_check
+
 clean: ## remove .venv and the tool caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
