@@ -87,8 +87,16 @@ class OnnxPredictor(Predictor):
         self.path = Path(path)
         opts = session_options(num_threads, spinning=spinning)
         source = model if model is not None else str(self.path)
-        self.session = ort.InferenceSession(source, sess_options=opts, providers=providers_for(device))
+        providers = providers_for(device)
+        if providers[0] == "CUDAExecutionProvider" and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # the CUDA and cuDNN libraries of the pip wheels, which no torch import loaded
+        self.session = ort.InferenceSession(source, sess_options=opts, providers=providers)
         self.providers: list[str] = self.session.get_providers()
+        if device == "cuda" and self.providers[0] != "CUDAExecutionProvider":
+            raise RuntimeError(
+                f"device 'cuda' was asked for but ONNX Runtime could not start its CUDA provider for {self.path} "
+                "(CUDA or cuDNN libraries missing?); it would have run on the CPU"
+            )
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.info: ExportMetadata = parse_metadata(self.metadata, source=str(self.path))
         super().__init__(
