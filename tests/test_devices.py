@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import RandomSampler
 
 from training import precision, recipes, train
 from training.builders import build_loaders, build_network, build_optimisation, make_loader
@@ -189,6 +190,20 @@ def test_persistent_workers_replay_an_epoch_whatever_the_worker_count(photo_fold
     assert any(not torch.equal(a, b) for a, b in zip(first, second, strict=True))  # epochs do differ
     for a, b, c in zip(second, resumed, one_worker, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_each_process_and_epoch_draws_its_own_sample_seeds() -> None:
+    """torchrun's processes each augment their share differently; the same (seed, epoch, rank) draws the same."""
+
+    def drawn(rank: int, epoch: int) -> list[tuple[int, int]]:
+        generator = torch.Generator()
+        sampler = SeededSampler(RandomSampler(range(50), generator=generator), generator, seed=3, rank=rank)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert drawn(0, 1) == drawn(0, 1) and len(drawn(0, 1)) == 50
+    seeds = {(rank, epoch): [s for _, s in drawn(rank, epoch)] for rank in (0, 1) for epoch in (0, 1)}
+    assert len({tuple(v) for v in seeds.values()}) == 4 and len(set(seeds[0, 0])) == 50
 
 
 def test_default_workers_follow_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -131,7 +131,8 @@ def make_loader(
     elif train:
         sampler = RandomSampler(dataset, generator=generator)
     if generator is not None:
-        dataset, sampler = SeededDataset(dataset), SeededSampler(sampler, generator, config.seed)
+        rank = session.rank if session is not None else 0
+        dataset, sampler = SeededDataset(dataset), SeededSampler(sampler, generator, config.seed, rank)
     return DataLoader(
         dataset,
         batch_size=config.batch_size,

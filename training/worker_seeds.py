@@ -21,9 +21,10 @@ from torch.utils.data import Dataset, Sampler
 SEED_BOUND = 2**62
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A seed for (run seed, epoch) that shares no stream with ``torch.manual_seed(seed * 1000 + epoch)``."""
-    digest = hashlib.sha256(f"imgclf-loader:{seed}:{epoch}".encode()).digest()
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A seed for (run seed, epoch, process) that shares no stream with ``torch.manual_seed(seed * 1000 + epoch)``
+    (and gives every torchrun process its own augmentations)."""
+    digest = hashlib.sha256(f"imgclf-loader:{seed}:{epoch}:{rank}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % SEED_BOUND
 
 
@@ -31,10 +32,11 @@ class SeededSampler(Sampler):
     """``sampler``'s indices, each with a seed; ``generator`` (which ``sampler`` shuffles with, if it does)
     is seeded per epoch by ``set_epoch``, which training.fit calls before every epoch."""
 
-    def __init__(self, sampler: Sampler, generator: torch.Generator, seed: int) -> None:
+    def __init__(self, sampler: Sampler, generator: torch.Generator, seed: int, rank: int = 0) -> None:
         self.sampler = sampler
         self.generator = generator
         self.seed = seed
+        self.rank = rank
         self.set_epoch(0)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -46,7 +48,7 @@ class SeededSampler(Sampler):
         return len(self.sampler)  # type: ignore[arg-type]
 
     def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+        self.generator.manual_seed(epoch_seed(self.seed, epoch, self.rank))
         if hasattr(self.sampler, "set_epoch"):  # DistributedSampler shuffles with (its seed, epoch)
             self.sampler.set_epoch(epoch)
 
