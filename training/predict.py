@@ -252,11 +252,10 @@ def main(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     with tqdm(total=len(paths), unit="img", disable=True if args.quiet else None, file=sys.stderr) as bar:
         predicted = predict_paths(predictor, paths, top_k=args.top_k, batch_size=args.batch_size, progress=bar)
-        kept = _kept(predicted, rows)
         if fmt is None:
-            rows = list(kept)
+            rows = list(predicted)
         else:
-            write_rows(kept, fmt, args.out, k=min(args.top_k, len(predictor.class_names)))
+            write_rows(_collect(predicted, rows), fmt, args.out, k=min(args.top_k, len(predictor.class_names)))
     if fmt is None:
         print_table(rows, predictor.name, args.json)
     errors = sum("error" in r for r in rows)
@@ -268,7 +267,7 @@ def main(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def _kept(rows: Iterable[Row], into: list[Row]) -> Iterator[Row]:
+def _collect(rows: Iterable[Row], into: list[Row]) -> Iterator[Row]:
     """Pass rows on and keep each in ``into`` (main returns them; writing streams them)."""
     for row in rows:
         into.append(row)
