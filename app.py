@@ -14,19 +14,12 @@ from flask import Flask
 from serving.admission import EXTENSION as ADMISSION
 from serving.admission import Admission
 from serving.api import bp as api_blueprint
-from serving.config import (
-    DEFAULTS,
-    admission_limit,
-    admission_waiting_room,
-    check_config,
-    read_raw_environment,
-    request_threads,
-)
+from serving.config import admission_limit, admission_waiting_room, load_settings, request_threads
 from serving.errors import register_error_handler
 from serving.http import install_request_hooks
 from serving.metrics import Metrics
 from serving.pages import bp as pages_blueprint
-from serving.registry import ModelRegistry
+from serving.registry import ModelRegistry, current_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +30,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     A bad setting or a bundle that cannot be served raises here, so the worker does not start.
     """
     app = Flask(__name__)
-    app.config.from_mapping(DEFAULTS)
-    app.config.from_prefixed_env()
-    read_raw_environment(app.config)
-    if test_config is not None:
-        app.config.from_mapping(test_config)
-    check_config(app.config)
+    load_settings(app.config, test_config)
 
     metrics = Metrics()
     app.extensions["imgclf.metrics"] = metrics
@@ -59,12 +47,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 def load_models(app: Flask, metrics: Metrics) -> ModelRegistry:
     cfg = app.config
     registry = ModelRegistry.load(
-        cfg["MODEL_DIR"],
-        default=cfg["DEFAULT_MODEL"],
-        device=cfg["DEVICE"],
-        backend=cfg["BACKEND"],
-        onnx_dir=cfg["ONNX_DIR"],
+        current_manifest(cfg),
         num_threads=cfg["TORCH_THREADS"],
+        precision=cfg["PRECISION"],
         batch_max_size=cfg["BATCH_MAX_SIZE"],
         batch_max_delay_ms=cfg["BATCH_MAX_DELAY_MS"],
         on_batch=metrics.observe_batch,

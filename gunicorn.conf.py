@@ -1,17 +1,24 @@
 """gunicorn settings for ``gunicorn --config gunicorn.conf.py "app:create_app()"`` (what `make run` does).
 
 The choices, and why:
-- 1 worker process with 24 gthread request threads: up to 6 of them (FLASK_MAX_INFLIGHT) decode and
-  preprocess uploads in parallel and hand their tensors to the worker's dynamic batcher, which runs one
-  forward pass for up to 8 waiting images (FLASK_BATCH_MAX_SIZE); up to 16 more requests wait for a
-  slot (FLASK_ADMISSION_WAIT_MS) instead of being refused; 2 always answer probes (serving/admission.py).
-  One worker means one copy of the models in memory and one place where batches form. The model (ONNX
-  Runtime by default, FLASK_BACKEND) gets every CPU this worker may use (FLASK_TORCH_THREADS, set below
-  to CPUs // workers, sched_getaffinity aware), so workers × model threads never exceed the cores.
-  bench/serve.py compares 1 worker × N model threads with N workers × 1 thread (--variant
-  w2:WEB_CONCURRENCY=2; docs/performance.md): neither won consistently, so one worker (one copy of the
-  models) stays the default. More workers: WEB_CONCURRENCY=2 (each then gets 1 thread); more request
-  threads: GUNICORN_THREADS. Both can also be given on the command line or in GUNICORN_CMD_ARGS.
+- Before any worker starts, the master runs `python -m serving.prepare` once, in a process of its own
+  that then exits: it picks the backend and device (FLASK_BACKEND=auto: the GPU when there is one,
+  else ONNX Runtime on the CPU), builds the default model when missing, exports each bundle to ONNX when
+  its export is missing or stale, checks every export against its bundle, and writes the manifest the
+  workers serve from (serving/manifest.py). A bad model folder stops the start there, with one message.
+  So neither the master nor an ONNX worker ever imports torch. SIGHUP prepares again (new models).
+- One worker process per CPU this server may use (its affinity and its container's CPU quota, model/cpus.py;
+  at most 16, serving/sizing.py),
+  each running the model on one thread (FLASK_TORCH_THREADS = CPUs // workers): decoding a photo costs
+  about as much CPU as the model, and processes side by side keep every core busy where threads of one
+  process would queue on its GIL. On a GPU host, a few workers share the card (one per 4 CPUs, at most
+  4). WEB_CONCURRENCY sets the number of workers; the model threads follow.
+- 24 gthread request threads per worker: up to 3 per model thread (FLASK_MAX_INFLIGHT, at most 6) decode
+  and preprocess uploads in parallel and hand their uint8 arrays to the worker's dynamic batcher, which
+  runs one forward pass for whatever is waiting (up to FLASK_BATCH_MAX_SIZE images: 8 on a CPU, 32 on a
+  GPU); the others wait for a slot (FLASK_ADMISSION_WAIT_MS) instead of being refused; 2 always answer
+  probes (serving/admission.py). More request threads: GUNICORN_THREADS. Both can also be given on the
+  command line or in GUNICORN_CMD_ARGS.
 - Each worker makes glibc keep freed memory (serving/allocator.py, in post_fork: mmap and trim thresholds
   raised, checked with a probe): otherwise glibc returns large freed blocks to the kernel and every
   batched forward pass faults its activations back in.
@@ -28,11 +35,17 @@ The choices, and why:
   files are marked, and the folder is removed when gunicorn exits.
 """
 
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
+
+# what serving/manifest.py's MANIFEST_ENV names: where the workers find the prepared models
+MANIFEST_ENV = "IMGCLF_MANIFEST"
 
 
 def _default_bind(environ=os.environ):
@@ -49,7 +62,20 @@ def _default_bind(environ=os.environ):
 
 
 bind = _default_bind()
-workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+
+
+def _default_workers(environ=os.environ):
+    """WEB_CONCURRENCY, else one per CPU this process may use (serving/sizing.py; a GPU host is resized
+    once the start-up step has seen the GPU, in on_starting)."""
+    from model.cpus import available_cpus
+    from serving.sizing import cpu_sizing
+
+    if environ.get("WEB_CONCURRENCY"):
+        return int(environ["WEB_CONCURRENCY"])
+    return cpu_sizing(available_cpus()).workers
+
+
+workers = _default_workers()
 # gthread plus a deadline for receiving each request (serving/worker.py): slow clients cannot hold threads
 worker_class = "serving.worker.DeadlineThreadWorker"
 threads = int(os.environ.get("GUNICORN_THREADS", "24"))
@@ -87,13 +113,44 @@ def on_starting(server):
     for stale in metrics_dir.glob("*.db"):  # samples of an earlier run would be added to ours
         stale.unlink()
     server.log.info("Prometheus multiprocess folder: %s", metrics_dir)
+    _prepare_models(server)
+
+
+def on_reload(server):
+    _prepare_models(server)  # SIGHUP: retrained bundles are checked (and exported) before new workers start
+
+
+def _prepare_models(server):
+    """Run serving.prepare in its own process (torch is loaded there, and gone when it exits) and point
+    the workers at the manifest it writes; a model folder that cannot be served stops the start."""
+    from model.cpus import available_cpus
+    from serving.sizing import gpu_sizing
+
+    folder = Path(tempfile.mkdtemp(prefix="imgclf-manifest-"))  # mode 0700
+    manifest = folder / "models.json"
+    command = [sys.executable, "-m", "serving.prepare", "--manifest", str(manifest)]
+    done = subprocess.run(command, check=False)  # noqa: S603 - our own module, no outside input
+    if done.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        server.log.error("not starting: the settings or the models cannot be served (the reason is above)")
+        sys.exit(3)  # gunicorn's own exit status when a worker cannot boot
+    old = os.environ.get(MANIFEST_ENV)
+    os.environ[MANIFEST_ENV] = str(manifest)
+    if old and Path(old).parent.name.startswith("imgclf-manifest-"):
+        shutil.rmtree(Path(old).parent, ignore_errors=True)
+    device = json.loads(manifest.read_text())["device"]
+    if device == "cuda" and not os.environ.get("WEB_CONCURRENCY"):
+        server.num_workers = gpu_sizing(available_cpus()).workers
+    server.log.info("serving on %s with %d worker(s)", device, server.num_workers)
 
 
 def post_fork(server, worker):
+    from model.cpus import available_cpus
     from serving.allocator import tune_glibc_malloc
+    from serving.sizing import model_threads
 
     if "FLASK_TORCH_THREADS" not in os.environ:
-        os.environ["FLASK_TORCH_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // max(1, server.cfg.workers)))
+        os.environ["FLASK_TORCH_THREADS"] = str(model_threads(available_cpus(), server.num_workers))
     # the default admission limit (FLASK_MAX_INFLIGHT, serving/config.py) keeps some of these for probes
     os.environ["IMGCLF_REQUEST_THREADS"] = str(server.cfg.threads)
     tune_glibc_malloc()
@@ -124,5 +181,8 @@ def _drain(worker):
 
 
 def on_exit(server):
+    manifest = os.environ.get(MANIFEST_ENV)
+    if manifest and Path(manifest).parent.name.startswith("imgclf-manifest-"):
+        shutil.rmtree(Path(manifest).parent, ignore_errors=True)
     if os.environ.get(_OWNED_FLAG) == "1":
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

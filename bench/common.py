@@ -78,3 +78,52 @@ def write_results(name: str, data: dict[str, Any] | list[Any], path: str | None)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2))
     return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process descended from it, or in its process group (a server and its workers)."""
+    parents: dict[int, int] = {}
+    groups: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+        parents[int(entry.name)] = int(fields[1])
+        groups[int(entry.name)] = int(fields[2])
+    try:
+        group = os.getpgid(pid)
+    except ProcessLookupError:
+        return []
+    found = {pid} | ({p for p, g in groups.items() if g == group} if group == pid else set())
+    grew = True
+    while grew:
+        more = {p for p, parent in parents.items() if parent in found} - found
+        found |= more
+        grew = bool(more)
+    return sorted(found)
+
+
+def pss_mib(pids: list[int]) -> float:
+    """Proportional set size summed over ``pids`` (shared pages split between the processes sharing
+    them, so a sum over processes counts each page once), from /proc/PID/smaps_rollup."""
+    total_kib = 0
+    for pid in pids:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        for line in rollup.splitlines():
+            if line.startswith("Pss:"):
+                total_kib += int(line.split()[1])
+                break
+    return total_kib / 1024
+
+
+def tree_memory(pid: int) -> dict[str, Any]:
+    """PSS of a server's whole process tree, and how many processes it has."""
+    pids = process_tree(pid)
+    return {"pss_mib": pss_mib(pids), "processes": len(pids)}

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -23,8 +24,8 @@ from model.bundle import load_bundle
 from model.default import build_default_bundle
 from model.export import sample_photos
 from model.images import decode_image
-from model.predictor import TorchPredictor
-from model.transforms import build_eval_transform
+from model.pixels import prepare
+from model.torch_predictor import TorchPredictor
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -72,9 +73,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         bundle, model = build_default_bundle(), None
     predictor = TorchPredictor(bundle, model, device="cpu", num_threads=args.threads or None)
     prep = bundle.preprocessing
-    transform = build_eval_transform(prep)
 
-    x = torch.zeros((1, *predictor.input_shape))
+    x = np.zeros((1, *predictor.input_shape), dtype=np.uint8)
     model_s = median(time_call(lambda: predictor.infer(x), min_seconds=args.min_seconds, min_iters=args.min_iters))
     onnx_path = Path(args.onnx) if args.onnx else path.with_suffix(".onnx")
     onnx_s = None
@@ -100,7 +100,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 return decode_image(data, draft_size=draft_size)
 
             def full(data: bytes = data, draft_size: int | None = draft_size) -> torch.Tensor:
-                return transform(decode_image(data, draft_size=draft_size))
+                return prepare(decode_image(data, draft_size=draft_size), prep)
 
             dec = median(time_call(decode, min_seconds=args.min_seconds, min_iters=args.min_iters))
             tot = median(time_call(full, min_seconds=args.min_seconds, min_iters=args.min_iters))

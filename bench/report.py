@@ -73,13 +73,18 @@ def model_quick_sets() -> set[str]:
     return {k for k, v in vars(args).items() if before[k] != v}
 
 
-# bench/serve.py and bench/cold_start.py apply --quick inside main(): these are the arguments it overrides.
-SERVE_QUICK_SETS = {"requests", "rounds", "ceiling_batches"}
+# bench/serve.py (and bench/peers/run.py, with serve's quick_defaults) and bench/cold_start.py apply --quick
+# inside main(): these are the arguments it overrides.
+SERVE_QUICK_SETS = {"requests", "rounds", "limit_batches", "limit_seconds"}
 COLD_START_QUICK_SETS = {"repeats"}
 
 
 def serve_command(data: dict[str, Any]) -> str:
     return module_command("bench.serve", data["args"], SERVE_QUICK_SETS)
+
+
+def peers_command(data: dict[str, Any]) -> str:
+    return module_command("bench.peers.run", data["args"], SERVE_QUICK_SETS)
 
 
 def model_command(data: dict[str, Any]) -> str:
@@ -138,45 +143,113 @@ def load_average(data: dict[str, Any]) -> str:
     return f"{pair[0][0]:.1f} before, {pair[1][0]:.1f} after"
 
 
-def render_serve(data: dict[str, Any]) -> list[str]:
-    levels = sorted({int(c) for per in data["load"].values() for c in per})
-    rows = []
-    for name, per in data["load"].items():
-        cfg = data["servers"][name]
-        shape = f"{cfg['workers']} × {cfg['threads_per_worker']}"
-        for c in levels:
-            r = per[str(c)]
-            rows.append([name, shape, c, f"{r['req_s']:.1f}", ms(r["p50_ms"]), ms(r["p95_ms"]), ms(r["p99_ms"]),
-                         r["errors"]])  # fmt: skip
-    lines = table(["server", "workers × model threads", "clients", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors"],
-                  rows)  # fmt: skip
+def shape(cfg: dict[str, Any]) -> str:
+    """A server's processes and threads: workers × model threads, and a peer's batching."""
+    if "workers" in cfg:
+        return f"{cfg['workers']} × {cfg['threads_per_worker']}"
+    settings = cfg.get("settings")
+    if not isinstance(settings, dict):
+        return str(settings or "-")
+    text = f"{settings['workers']} × {settings['threads']}, batch {settings['batch']}"
+    return text + (f" / {settings['batch_ms']} ms" if "batch_ms" in settings else "")
+
+
+def workload_line(name: str, photos: list[dict[str, Any]]) -> str:
+    sizes = [p["bytes"] / 1e3 for p in photos]
+    turned = sum(1 for p in photos if p.get("orientation") not in (None, 1))
+    return (f"{name}: {len(photos)} photos, {min(sizes):.0f}–{max(sizes):.0f} KB"
+            + (f", {turned} stored turned with an EXIF orientation" if turned else ""))  # fmt: skip
+
+
+def limit_lines(data: dict[str, Any]) -> list[str]:
+    """The machine's limit per workload (bench/limit.py), as measured in the run."""
+    lim = data["limit"]
+    runs = lim["measurements"]
+    rows = [[w, e["pipeline"], f"{e['decode_img_s']:.1f} ({runs[0]['workloads'][w]['project']['decode']['processes']})",
+             f"{lim['model_img_s']:.1f}", f"{e['limit_img_s']:.1f}"] for w, e in lim["workloads"].items()]  # fmt: skip
+    best = ", ".join(f"batch {m['model']['best_batch']}" for m in runs)
+    return [
+        f"The machine's limit (`bench/limit.py`; median of {len(runs)} measurement(s) in this run): model alone "
+        f"with ONNX Runtime on all cores, {lim['model_input']} input, best at {best}; 1 / (1/decode + 1/model).",
+        "",
+        *table(
+            [
+                "photos",
+                "decode + prepare",
+                "decode + prepare, photos/s (processes)",
+                "model alone, img/s",
+                "limit, photos/s",
+            ],
+            rows,
+        ),  # fmt: skip
+    ]
+
+
+def summary_lines(data: dict[str, Any], levels: list[int]) -> list[str]:
+    """Per workload and server: p50 at the fewest clients, req/s at the most, ÷ the limit (and ÷ naive)."""
     top, low = max(levels), min(levels)
-    for name, r in data["ratios"].items():
-        ratio_rows = [[f"{name} req/s at {clients(c)} ÷ naive", f"{r[f'service_over_naive_c{c}']:.2f}"]
-                      for c in levels if f"service_over_naive_c{c}" in r]  # fmt: skip
-        ratio_rows += [
-            [f"{name} req/s at {clients(top)} ÷ model-only ceiling", f"{r[f'service_over_ceiling_c{top}']:.2f}"],
-            [f"{name} req/s at {clients(top)} ÷ ceiling with decoding sharing the cores",
-             f"{r[f'service_over_bound_c{top}']:.2f}"],
-            [f"{name} p50 at {clients(low)} ÷ model-only batch-1 latency",
-             "-" if r[f"p50_c{low}_over_model_batch1"] is None else f"{r[f'p50_c{low}_over_model_batch1']:.2f}"],
-        ]  # fmt: skip
-        lines += ["", *table(["ratio (same run)", "value"], ratio_rows)]
-    lines.append("")
-    for key, ceiling in data["ceiling"].items():
-        backend, threads = key.rsplit("-", 1)
-        each = ", ".join(f"{m['best_img_s']:.1f} img/s at batch {m['best_batch']}" for m in ceiling["measurements"])
-        lines.append(
-            f"Model-only ceiling ({backend}, {threads} threads, measured {len(ceiling['measurements'])} times "
-            f"between the load levels): best {each}; median {ceiling['best_img_s']:.1f} img/s, "
-            f"batch-1 latency {ceiling['batch1_ms']:.1f} ms."
-        )
-    pre = data["preprocess"]["ms_per_photo"]
-    lines.append(
-        f"Decode + preprocess per photo on one thread: {min(pre.values()):.1f}–{max(pre.values()):.1f} ms, "
-        f"mean {data['preprocess']['mean_ms']:.1f} ms ({len(pre)} photos)."
-    )
+    naive = any("naive" in per for per in data["ratios"].values())
+    rows = []
+    for w, per in data["ratios"].items():
+        for name, r in per.items():
+            row = [w, name, shape(data["servers"][name]), ms(r[f"p50_c{low}_ms"]), f"{r[f'req_s_c{top}']:.1f}",
+                   f"{r[f'over_limit_c{top}']:.2f}"]  # fmt: skip
+            if naive:
+                ratio = r.get(f"over_naive_c{top}")
+                row.append("-" if ratio is None else f"{ratio:.2f}")
+            rows.append(row)
+    header = ["photos", "server", "workers × model threads", f"p50 at {clients(low)}, ms",
+              f"req/s at {clients(top)}", "÷ limit"] + (["÷ naive"] if naive else [])  # fmt: skip
+    return table(header, rows)
+
+
+def memory_lines(data: dict[str, Any]) -> list[str]:
+    rows = [[name, m["idle"]["processes"], f"{m['idle']['pss_mib']:.0f}", f"{m['after_load']['pss_mib']:.0f}"]
+            for name, m in data["memory_mib"].items()]  # fmt: skip
+    return table(["server", "processes", "PSS idle after warm-up, MiB", "PSS after the load, MiB"], rows)
+
+
+def load_lines(data: dict[str, Any], levels: list[int]) -> list[str]:
+    lines: list[str] = []
+    for w, entry in data["workloads"].items():
+        rows = []
+        for name, per in entry["load"].items():
+            for c in levels:
+                r = per[str(c)]
+                rows.append([name, c, f"{r['req_s']:.1f}", ms(r["p50_ms"]), ms(r["p95_ms"]), ms(r["p99_ms"]),
+                             r["errors"]])  # fmt: skip
+        lines += ["", workload_line(w, entry["photos"]), ""]
+        lines += table(["server", "clients", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors"], rows)
     return lines
+
+
+def run_levels(data: dict[str, Any]) -> list[int]:
+    return sorted({int(c) for w in data["workloads"].values() for per in w["load"].values() for c in per})
+
+
+def render_serve(data: dict[str, Any]) -> list[str]:
+    levels = run_levels(data)
+    lines = [*summary_lines(data, levels), "", *memory_lines(data), "", *limit_lines(data)]
+    return lines + load_lines(data, levels)
+
+
+def render_peers(data: dict[str, Any]) -> list[str]:
+    levels = run_levels(data)
+    top, low = max(levels), min(levels)
+    rows = []
+    for name, cfg in data["servers"].items():
+        versions = ", ".join(f"{k} {v}" for k, v in cfg.get("versions", {}).items()) or "this environment"
+        rows.append([name, cfg["kind"], shape(cfg), versions, f"{cfg.get('ready_s', 0):.1f}",
+                     cfg.get("top1_same_as_service", "-")])  # fmt: skip
+    lines = table(["server", "kind", "workers × model threads, batching", "versions", "ready after, s",
+                   "top-1 same as the service's"], rows)  # fmt: skip
+    lines += ["", *summary_lines(data, levels), "", *memory_lines(data)]
+    versus = [[w, v["best_peer"], f"{v['req_s_ratio']:.2f}", "-" if v["p50_ratio"] is None else f"{v['p50_ratio']:.2f}",
+               f"{v['pss_ratio']:.2f}"] for w, v in data["versus_best_peer"].items() if v]  # fmt: skip
+    if versus:
+        lines += ["", *table(["photos", "best peer (req/s)", f"service ÷ best peer, req/s at {clients(top)}",
+                              f"p50 at {clients(low)}", "PSS after the load"], versus)]  # fmt: skip
+    return [*lines, "", *limit_lines(data), *load_lines(data, levels)]
 
 
 def render_model(data: dict[str, Any]) -> list[str]:
@@ -246,6 +319,7 @@ class Section:
 
 SECTIONS = {
     "serve": Section(render_serve, serve_command),
+    "peers": Section(render_peers, peers_command),
     "model": Section(render_model, model_command),
     "cold_start": Section(render_cold_start, cold_start_command),
     "soak": Section(render_soak, soak_command),

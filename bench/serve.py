@@ -1,23 +1,24 @@
-"""The service as a whole, under load, against a naive baseline and against the model's own ceiling.
+"""The service as a whole, under load, against a naive baseline and against the machine's limit.
 
-    python -m bench.serve [--quick] [--json PATH] [--variant NAME:ENV=V,ENV=V ...]
+    python -m bench.serve [--quick] [--workload small,phone] [--json PATH] [--variant NAME:ENV=V,ENV=V ...]
 
 Starts the real service (``gunicorn --config gunicorn.conf.py "app:create_app()"``) and, in the same
 run, the naive baseline (bench/baselines/naive_app.py under gunicorn's defaults), each on 127.0.0.1,
 and drives them with the same closed-loop load (C clients, each sending its next request when the
 last answer arrived, keep-alive connections where the server keeps them) at concurrency 1, 4 and 16,
-a bounded number of requests each, cycling through real photos of mixed sizes. Servers and rounds are
-interleaved so that the shared machine's load changes hit every server alike. The model-only ceiling
-(bench/model.py's code: best batch images/s, and batch-1 latency, for the same model, backend and
-threads, under the same malloc setting) is measured in this run too: before the load and after each
-concurrency level, so that it sees the same changing machine; the ratios use its medians.
+a bounded number of requests each, cycling through the photos of each workload (bench/workloads.py:
+"small" web photos, "phone" 12 MP camera JPEGs). Servers and rounds are interleaved so that the shared
+machine's load changes hit every server alike. The machine's limit for each workload (bench/limit.py:
+decode + prepare on every CPU, then the model alone at its best batch, sharing the CPUs) is measured
+in this run too, before the servers start and (without ``--quick``) after they stop; every server's
+req/s is reported against it. So is each server's memory: the PSS of all its processes (gunicorn's
+master and workers), idle after a warm-up and again after the load.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import itertools
 import os
 import statistics
@@ -28,9 +29,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from bench.common import cpu_info, write_results
+from bench.common import cpu_info, tree_memory, write_results
+from bench.limit import measure as measure_limit
+from bench.limit import print_limits
+from bench.workloads import Photo, describe, load_workload, parse_workloads, small_photos
 from serving.launcher import GunicornServer
 
 PERCENTILES = (50, 95, 99)
@@ -38,11 +40,12 @@ PERCENTILES = (50, 95, 99)
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Benchmark the service under load against a naive baseline.")
-    p.add_argument("--quick", action="store_true", help="a CI-sized run, well under a minute (default: off)")
+    p.add_argument("--quick", action="store_true", help="a short smoke run, a few minutes (default: off)")
     p.add_argument("--bundle", default="models/default.pth", help="model to serve (default: %(default)s)")
     p.add_argument(
         "--backend", default="onnx", choices=("onnx", "torch"), help="service backend (default: %(default)s)"
     )
+    p.add_argument("--workload", default="small,phone", help="photos to send: small, phone (default: %(default)s)")
     p.add_argument("--concurrency", default="1,4,16", help="client counts (default: %(default)s)")
     p.add_argument(
         "--requests", type=int, default=96, help="requests per server, level and round (default: %(default)s)"
@@ -57,32 +60,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline (default: run it)")
     p.add_argument(
-        "--ceiling-batches", default="1,2,4,8", help="batches for the model-only ceiling (default: %(default)s)"
+        "--limit-batches", default="1,2,4,8,16", help="model batches for the machine's limit (default: %(default)s)"
+    )
+    p.add_argument(
+        "--limit-seconds", type=float, default=3.0, help="timed seconds per decode rate (default: %(default)s)"
     )
     p.add_argument("--json", default=None, help="results file (default: bench/results/serve-<time>.json)")
     return p
 
 
+def quick_defaults(args: argparse.Namespace) -> None:
+    """What ``--quick`` changes (bench/report.py leaves these out of the command it names)."""
+    args.requests, args.rounds, args.limit_batches, args.limit_seconds = 12, 1, "1,4,8", 1.0
+
+
 # ---------------------------------------------------------------- images and load
 
 
-def load_photos(quick: bool) -> list[tuple[str, bytes, str]]:
-    """(name, bytes, content type): the sample PNGs and JPEGs, Grace Hopper, and a generated 3 MP JPEG."""
-    import matplotlib
-
-    from model.export import sample_photos
-
-    paths = [*sample_photos(), Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"]
-    photos = []
-    for path in paths:
-        kind = "image/png" if path.suffix == ".png" else "image/jpeg"
-        photos.append((path.name, path.read_bytes(), kind))
-    china = Image.open(next(p for p in paths if p.name == "china.jpg")).convert("RGB")
-    big = china.resize((2048, 1536), Image.Resampling.LANCZOS)  # 3.1 MP
-    buf = io.BytesIO()
-    big.save(buf, format="JPEG", quality=90)
-    photos.append(("generated-3MP.jpg", buf.getvalue(), "image/jpeg"))
-    return photos
+def load_photos(quick: bool = False) -> list[Photo]:
+    """The "small" workload (bench/overload.py and bench/profile_serve.py send it too)."""
+    return small_photos()
 
 
 def multipart(name: str, data: bytes, kind: str) -> tuple[bytes, str]:
@@ -163,60 +160,61 @@ def summarize(cells: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def preprocess_costs(bundle: Path, photos: list[tuple[str, bytes, str]]) -> dict[str, Any]:
-    """Decode + eval transform per photo, as a request thread does it (one torch thread): the CPU each
-    request needs besides the forward pass, measured in this run."""
-    import torch
+def run_load(
+    servers: list[Any], workloads: dict[str, list[Photo]], levels: list[int], rounds: int, requests: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every workload and level, servers interleaved; and each server's memory (PSS of all its
+    processes) idle after a warm-up that sends every photo once, and again after the load.
 
-    from bench.common import median, time_call
-    from model.bundle import read_bundle
-    from model.images import decode_image
-    from model.transforms import build_eval_transform
+    ``servers``: started servers with ``name``, ``port`` and ``proc`` (the process whose tree they are).
+    """
+    bodies = {w: [multipart(*p) for p in photos] for w, photos in workloads.items()}
+    for s in servers:
+        for b in bodies.values():
+            drive(s.port, b, 1, len(b))
+    time.sleep(1.0)  # idle: nothing in flight
+    memory = {s.name: {"idle": tree_memory(s.proc.pid)} for s in servers}
+    cells: dict[str, Any] = {w: {s.name: {c: [] for c in levels} for s in servers} for w in workloads}
+    for w, b in bodies.items():
+        for clients in levels:
+            for rnd in range(rounds):
+                order = servers if rnd % 2 == 0 else servers[::-1]
+                for s in order:
+                    drive(s.port, b, clients, max(clients, len(b)))  # warm-up, not counted
+                    cell = drive(s.port, b, clients, max(requests, clients))
+                    cells[w][s.name][clients].append(cell)
+                    rate = len(cell["latencies"]) / cell["wall_s"]
+                    n_err = sum(cell["errors"].values())
+                    print(f"... {w:>5} {s.name:>10} c={clients:<3} round {rnd + 1}: {rate:.1f} req/s, {n_err} errors",
+                          flush=True)  # fmt: skip
+    time.sleep(1.0)
+    for s in servers:
+        memory[s.name]["after_load"] = tree_memory(s.proc.pid)
+    return cells, memory
 
-    torch.set_num_threads(1)
-    prep = read_bundle(bundle).preprocessing
-    transform = build_eval_transform(prep)
-    per_photo = {}
-    for name, data, _ in photos:
-        times = time_call(
-            lambda data=data: transform(decode_image(data, draft_size=prep.resize)), min_seconds=0.2, min_iters=5
-        )
-        per_photo[name] = 1e3 * median(times)
-    return {"ms_per_photo": per_photo, "mean_ms": statistics.mean(per_photo.values())}
 
-
-# ---------------------------------------------------------------- the model-only ceiling
-
-
-def model_ceiling(
-    bundle: Path, onnx_path: Path | None, backend: str, threads: int, batches: list[int], quick: bool, workdir: Path
-) -> dict[str, Any]:
-    """bench/model.py's measurement (its child process, mallopt as in the service) for one backend and threads."""
-    from bench.model import run_setting
-    from model.bundle import read_bundle
-
-    prep = read_bundle(bundle).preprocessing
-    entry: dict[str, Any] = {"name": "default", "bundle": str(bundle), "input": [prep.channels, prep.crop]}
-    if onnx_path is not None:
-        entry["onnx"] = str(onnx_path)
-    settings = argparse.Namespace(
-        batches=",".join(map(str, batches)), min_seconds=0.3 if quick else 1.5, min_iters=3 if quick else 5
-    )
-    bench_backend = "onnx" if backend == "onnx" else "eager"
-    rows = run_setting("mallopt", [entry], [bench_backend], [threads], settings, workdir)["rows"]
-    best = max(rows, key=lambda r: r["img_s"])
-    b1 = next(r for r in rows if r["batch"] == 1)
+def summarize_limits(measurements: list[dict[str, Any]]) -> dict[str, Any]:
+    """The medians of this run's measurements of the machine's limit (bench/limit.py's ``measure``)."""
+    workloads = measurements[0]["workloads"]
     return {
-        "backend": bench_backend,
-        "threads": threads,
-        "rows": rows,
-        "best_img_s": best["img_s"],
-        "best_batch": best["batch"],
-        "batch1_ms": b1["latency_ms"],
+        "model_img_s": statistics.median(m["model"]["img_s"] for m in measurements),
+        "model_batch1_ms": statistics.median(m["model"]["batch1_ms"] or 0 for m in measurements) or None,
+        "model_input": measurements[0]["model"]["input_type"],
+        "workloads": {
+            w: {
+                "decode_img_s": statistics.median(
+                    m["workloads"][w]["project"]["decode"]["img_s"] for m in measurements
+                ),
+                "limit_img_s": statistics.median(m["workloads"][w]["project"]["limit_img_s"] for m in measurements),
+                "pipeline": measurements[0]["workloads"][w]["project"]["decode"]["how"],
+            }
+            for w in workloads
+        },
+        "measurements": measurements,
     }
 
 
-# ---------------------------------------------------------------- main
+# ---------------------------------------------------------------- servers and main
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -226,9 +224,13 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 
 def service_threads(env: dict[str, str]) -> tuple[int, int]:
-    """(workers, intra-op threads per worker) as gunicorn.conf.py will set them."""
-    workers = int(env.get("WEB_CONCURRENCY", "1"))
-    per = int(env.get("FLASK_TORCH_THREADS", "0")) or max(1, len(os.sched_getaffinity(0)) // workers)
+    """(workers, model threads per worker) as gunicorn.conf.py will size them (serving/sizing.py, on CPUs)."""
+    from model.cpus import available_cpus
+    from serving.sizing import cpu_sizing, model_threads
+
+    cpus = available_cpus()
+    workers = int(env.get("WEB_CONCURRENCY", "0")) or cpu_sizing(cpus).workers
+    per = int(env.get("FLASK_TORCH_THREADS", "0")) or model_threads(cpus, workers)
     return workers, per
 
 
@@ -263,25 +265,21 @@ def prepare_model_dir(bundle: Path, backend: str, folder: Path) -> Path | None:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:
-        args.requests, args.rounds, args.ceiling_batches = 12, 1, "1,4"
-    levels = [int(c) for c in args.concurrency.split(",") if c]
+        quick_defaults(args)
+    levels = _ints(args.concurrency)
     bundle = Path(args.bundle)
     if not bundle.is_file():
         raise SystemExit(f"{bundle} is missing: python -m model.default --out {bundle}")
-    photos = load_photos(args.quick)
-    bodies = [multipart(*p) for p in photos]
+    workloads = {w: load_workload(w) for w in parse_workloads(args.workload)}
     variants = [("service", {"FLASK_BACKEND": args.backend})]
     variants += [(n, {"FLASK_BACKEND": args.backend, **e}) for n, e in map(parse_variant, args.variant)]
     load_before = os.getloadavg()
-    results: dict[str, Any] = {
-        "cpu": cpu_info(),
-        "args": vars(args),
-        "photos": [{"name": n, "bytes": len(b), "size": Image.open(io.BytesIO(b)).size} for n, b, _ in photos],
-    }
+    results: dict[str, Any] = {"cpu": cpu_info(), "args": vars(args)}
+    limit_settings = {"batches": _ints(args.limit_batches), "seconds": args.limit_seconds}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         workdir = Path(tmp)
-        backends = {env["FLASK_BACKEND"] for _, env in variants}
-        onnx_path = prepare_model_dir(bundle, "onnx" if "onnx" in backends else "torch", workdir / "models")
+        # the limit is measured on the export whatever backend the service runs
+        onnx_path = prepare_model_dir(bundle, "onnx", workdir / "models")
         servers: list[GunicornServer] = []
         configs: dict[str, Any] = {}
         for name, env in variants:
@@ -291,49 +289,32 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if not args.no_naive:
             servers.append(naive_server(bundle, workdir / "naive.log"))
             configs["naive"] = {"workers": 1, "threads_per_worker": "torch default", "batching": False}
-        keys = sorted({(configs[n]["backend"], configs[n]["threads_per_worker"]) for n, _ in variants})
-        batches = _ints(args.ceiling_batches)
-        ceilings: dict[tuple[str, int], list[dict[str, Any]]] = {k: [] for k in keys}
-
-        def measure_ceilings() -> None:
-            for k in keys:
-                ceilings[k].append(model_ceiling(bundle, onnx_path, *k, batches, args.quick, workdir))
-
-        measure_ceilings()
-        cells: dict[str, dict[int, list[dict[str, Any]]]] = {s.name: {c: [] for c in levels} for s in servers}
+        print("... the machine's limit (before the servers start)", flush=True)
+        limit_runs = [measure_limit(workloads, onnx_path, **limit_settings)]
         try:
             for s in servers:
                 s.start()
                 configs[s.name]["ready_s"] = s.ready_s
-            for clients in levels:
-                for rnd in range(args.rounds):
-                    order = servers if rnd % 2 == 0 else servers[::-1]
-                    for s in order:
-                        drive(s.port, bodies, clients, max(clients, len(bodies)))  # warm-up, not counted
-                        cell = drive(s.port, bodies, clients, max(args.requests, clients))
-                        cells[s.name][clients].append(cell)
-                        rate = len(cell["latencies"]) / cell["wall_s"]
-                        n_err = sum(cell["errors"].values())
-                        print(f"... {s.name:>10} c={clients:<3} round {rnd + 1}: {rate:.1f} req/s, {n_err} errors")
-                if not args.quick or clients == levels[-1]:
-                    measure_ceilings()  # idle servers: neither spins
+            cells, memory = run_load(servers, workloads, levels, args.rounds, args.requests)
         finally:
             for s in servers:
                 s.stop()
+        if not args.quick:
+            print("... the machine's limit (after the servers stopped)", flush=True)
+            limit_runs.append(measure_limit(workloads, onnx_path, **limit_settings))
 
     results["loadavg_before_after"] = [load_before, os.getloadavg()]
     results["servers"] = configs
-    results["load"] = {name: {str(c): summarize(v) for c, v in per.items()} for name, per in cells.items()}
-    results["ceiling"] = {
-        f"{b}-{t}": {
-            "measurements": ms,
-            "best_img_s": statistics.median(m["best_img_s"] for m in ms),
-            "batch1_ms": statistics.median(m["batch1_ms"] for m in ms),
+    results["limit"] = summarize_limits(limit_runs)
+    results["memory_mib"] = memory
+    results["workloads"] = {
+        w: {
+            "photos": describe(photos),
+            "load": {name: {str(c): summarize(v) for c, v in per.items()} for name, per in cells[w].items()},
         }
-        for (b, t), ms in ceilings.items()
+        for w, photos in workloads.items()
     }
-    results["preprocess"] = preprocess_costs(bundle, photos)
-    results["ratios"] = ratios(results, [n for n, _ in variants], levels)
+    results["ratios"] = ratios(results, levels)
     print_table(results, levels)
     path = write_results("serve", results, args.json)
     print(f"\nwrote {path}")
@@ -344,60 +325,55 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def ratios(results: dict[str, Any], services: list[str], levels: list[int]) -> dict[str, Any]:
-    """Per service configuration: the targets' ratios (ceiling = the better of the two measurements)."""
-    out = {}
-    top, low = str(max(levels)), str(min(levels))
-    for name in services:
-        cfg = results["servers"][name]
-        ceil = results["ceiling"][f"{cfg['backend']}-{cfg['threads_per_worker']}"]
-        best = ceil["best_img_s"] * cfg["workers"]
-        b1 = ceil["batch1_ms"]
-        load = results["load"][name]
-        # If decoding + preprocessing (one core per request thread) and inference shared the cores
-        # perfectly, the service could at best reach 1 / (1/ceiling + preprocess/cores) requests/s.
-        pre_s = results["preprocess"]["mean_ms"] / 1e3
-        bound = 1 / (1 / best + pre_s / results["cpu"]["cores"])
-        entry = {
-            "ceiling_img_s": best,
-            "bound_with_preprocess_img_s": bound,
-            f"service_over_bound_c{top}": load[top]["req_s"] / bound,
-            "model_batch1_ms": b1,
-            f"service_over_ceiling_c{top}": load[top]["req_s"] / best,
-            f"p50_c{low}_over_model_batch1": load[low]["p50_ms"] / b1 if load[low]["p50_ms"] else None,
-        }
-        if "naive" in results["load"]:
-            entry.update(
-                {
-                    f"service_over_naive_c{c}": load[str(c)]["req_s"] / results["load"]["naive"][str(c)]["req_s"]
-                    for c in levels
-                }
-            )
-        out[name] = entry
+def ratios(results: dict[str, Any], levels: list[int]) -> dict[str, Any]:
+    """Per workload and server: c1 p50, top-level req/s, and that req/s ÷ the machine's limit and ÷ naive."""
+    top, low = max(levels), min(levels)
+    limit = results["limit"]
+    out: dict[str, Any] = {}
+    for w, entry in results["workloads"].items():
+        load = entry["load"]
+        per: dict[str, Any] = {}
+        for name, by_level in load.items():
+            r = {
+                f"p50_c{low}_ms": by_level[str(low)]["p50_ms"],
+                f"req_s_c{top}": by_level[str(top)]["req_s"],
+                f"over_limit_c{top}": by_level[str(top)]["req_s"] / limit["workloads"][w]["limit_img_s"],
+            }
+            if limit["model_batch1_ms"] and by_level[str(low)]["p50_ms"]:
+                r[f"p50_c{low}_over_model_batch1"] = by_level[str(low)]["p50_ms"] / limit["model_batch1_ms"]
+            if "naive" in load and name != "naive":
+                r.update({f"over_naive_c{c}": by_level[str(c)]["req_s"] / load["naive"][str(c)]["req_s"]
+                          for c in levels if load["naive"][str(c)]["req_s"]})  # fmt: skip
+            per[name] = r
+        out[w] = per
     return out
 
 
 def print_table(results: dict[str, Any], levels: list[int]) -> None:
     print(f"\nload average before/after: {results['loadavg_before_after']}")
-    for c in results["ceiling"].values():
-        for i, m in enumerate(c["measurements"]):
-            print(
-                f"model only ({m['backend']}, {m['threads']} thread(s), #{i + 1}): best {m['best_img_s']:.1f} img/s "
-                f"(batch {m['best_batch']}), batch 1 {m['batch1_ms']:.1f} ms"
-            )
-    pre = results["preprocess"]
-    photos = ", ".join(f"{n} {ms:.1f}" for n, ms in pre["ms_per_photo"].items())
-    print(f"decode + preprocess ms per photo (1 thread): {photos}; mean {pre['mean_ms']:.1f}")
-    print("\n| server | clients | req/s (median of rounds) | p50 ms | p95 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|")
-    for name, per in results["load"].items():
-        for c in levels:
-            r = per[str(c)]
-            p = [f"{r[f'p{q}_ms']:.1f}" if r[f"p{q}_ms"] else "-" for q in PERCENTILES]
-            print(f"| {name} | {c} | {r['req_s']:.1f} | {' | '.join(p)} | {r['errors']} |")
-    print("\nratios:")
-    for name, r in results["ratios"].items():
-        print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if v is not None))
+    for i, m in enumerate(results["limit"]["measurements"]):
+        print(f"\nthe machine's limit, measurement {i + 1}:")
+        print_limits(m)
+    top, low = max(levels), min(levels)
+    for w, entry in results["workloads"].items():
+        print(f"\n{w} photos\n\n| server | clients | req/s (median of rounds) | p50 ms | p95 ms | p99 ms | errors |")
+        print("|---|---|---|---|---|---|---|")
+        for name, per in entry["load"].items():
+            for c in levels:
+                r = per[str(c)]
+                p = [f"{r[f'p{q}_ms']:.1f}" if r[f"p{q}_ms"] else "-" for q in PERCENTILES]
+                print(f"| {name} | {c} | {r['req_s']:.1f} | {' | '.join(p)} | {r['errors']} |")
+    print(f"\n| workload | server | p50 ms at {low} | req/s at {top} | ÷ limit | limit, photos/s | "
+          "PSS idle MiB | PSS after load MiB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for w, per in results["ratios"].items():
+        lim = results["limit"]["workloads"][w]["limit_img_s"]
+        for name, r in per.items():
+            mem = results["memory_mib"][name]
+            p50 = r[f"p50_c{low}_ms"]
+            print(f"| {w} | {name} | {'-' if p50 is None else f'{p50:.1f}'} | {r[f'req_s_c{top}']:.1f} | "
+                  f"{r[f'over_limit_c{top}']:.2f} | {lim:.1f} | {mem['idle']['pss_mib']:.0f} | "
+                  f"{mem['after_load']['pss_mib']:.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,18 +24,12 @@ import torch
 import torchvision
 
 from model import version as release
+from model.bundle_format import FORMAT_NAME, FORMAT_VERSION, BundleError
 from model.files import atomic_write
 from model.preprocessing import Preprocessing
 from model.registry import build_model, find_head, is_known_architecture
 
 logger = logging.getLogger(__name__)
-
-FORMAT_NAME = "imgclf-bundle"
-FORMAT_VERSION = 1
-
-
-class BundleError(ValueError):
-    """A file that cannot be used as a bundle; the message names the file and what is wrong."""
 
 
 @dataclass(frozen=True, eq=False)

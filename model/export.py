@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -35,9 +36,11 @@ from model.bundle import Bundle, load_bundle
 from model.export_metadata import METADATA_KEYS, SHA_KEY, ExportMetadata, metadata_from_bundle, parse_metadata
 from model.files import atomic_write, file_sha256
 from model.images import IMAGE_SUFFIXES, decode_image
+from model.normalization import NormalizedInput
 from model.onnx_runner import OnnxPredictor, read_onnx_metadata
+from model.pixels import prepare, prepare_batch
+from model.predictor import softmax
 from model.preprocessing import Preprocessing
-from model.transforms import build_eval_transform
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +88,14 @@ def list_images(folder: str | os.PathLike[str], limit: int | None = None) -> lis
     return paths[:limit] if limit else paths
 
 
-def load_batch(paths: Sequence[str | os.PathLike[str]], preprocessing: Preprocessing) -> torch.Tensor:
-    """Files -> one normalised batch, through the bundle's eval transform (the only one there is)."""
-    transform = build_eval_transform(preprocessing)
-    return torch.stack([transform(decode_image(p, draft_size=preprocessing.resize)) for p in paths])
+def load_batch(paths: Sequence[str | os.PathLike[str]], preprocessing: Preprocessing) -> np.ndarray:
+    """Files -> one uint8 batch (N, C, crop, crop), through ``model.pixels`` (the only eval preprocessing)."""
+    return prepare_batch([decode_image(p, draft_size=preprocessing.resize) for p in paths], preprocessing)
+
+
+def example_input(prep: Preprocessing, batch: int) -> torch.Tensor:
+    """Random uint8 pixels shaped like a batch of ``batch`` prepared images (for tracing)."""
+    return torch.randint(0, 256, (batch, prep.channels, prep.crop, prep.crop), dtype=torch.uint8)
 
 
 # ---------------------------------------------------------------- ONNX
@@ -119,9 +126,8 @@ def export_onnx(
     ``extra_metadata``: more metadata properties, e.g. the bundle file's hash (``SHA_KEY``).
     """
     dynamo = _pick_exporter(opset, exporter)
-    prep = bundle.preprocessing
-    example = torch.randn(2, prep.channels, prep.crop, prep.crop)
-    model = model.eval()
+    example = example_input(bundle.preprocessing, 2)
+    model = NormalizedInput(model, bundle.preprocessing).eval()
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
         common = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
@@ -170,20 +176,19 @@ def write_onnx(proto: Any, out: str | os.PathLike[str], metadata: Mapping[str, s
 
 
 class _CalibrationReader(CalibrationDataReader):
-    """Feeds calibration images, one per call, through the bundle's eval transform."""
+    """Feeds calibration images, one per call, prepared as the service prepares them."""
 
     def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing, input_name: str) -> None:
         self._paths: Iterator[Path] = iter(paths)
-        self._transform = build_eval_transform(preprocessing)
+        self._prep = preprocessing
         self._input_name = input_name
-        self._resize = preprocessing.resize
 
     def get_next(self) -> dict[str, Any] | None:
         path = next(self._paths, None)
         if path is None:
             return None
-        x = self._transform(decode_image(path, draft_size=self._resize))
-        return {self._input_name: x.unsqueeze(0).numpy()}
+        x = prepare(decode_image(path, draft_size=self._prep.resize), self._prep)
+        return {self._input_name: x[np.newaxis]}
 
 
 def quantize_onnx(
@@ -226,12 +231,11 @@ def quantize_onnx(
 
 
 def export_torchscript(bundle: Bundle, model: torch.nn.Module, out: str | os.PathLike[str]) -> Path:
-    """Trace ``model`` (any batch size) and save it with the metadata as extra files, atomically."""
-    prep = bundle.preprocessing
-    example = torch.randn(2, prep.channels, prep.crop, prep.crop)
-    other = torch.randn(3, prep.channels, prep.crop, prep.crop)
+    """Trace ``model`` behind its normalisation (uint8 input, any batch size) and save it with the metadata
+    as extra files, atomically."""
+    example, other = example_input(bundle.preprocessing, 2), example_input(bundle.preprocessing, 3)
     with torch.no_grad():
-        traced = torch.jit.trace(model.eval(), example, check_inputs=[(other,)])
+        traced = torch.jit.trace(NormalizedInput(model, bundle.preprocessing).eval(), example, check_inputs=[(other,)])
     extra = metadata_from_bundle(bundle)
     out = atomic_write(out, lambda f: torch.jit.save(traced, f, _extra_files=extra))
     logger.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
@@ -248,15 +252,17 @@ def load_torchscript(path: str | os.PathLike[str]) -> tuple[torch.jit.ScriptModu
 # ---------------------------------------------------------------- parity
 
 
-def softmax_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.softmax(logits.float() / temperature, dim=1)
+def torch_probs(module: torch.nn.Module, batch: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities of a module that takes uint8 batches (``NormalizedInput``, a TorchScript export)."""
+    with torch.inference_mode():
+        return softmax(module(torch.from_numpy(batch)).float().numpy(), temperature)
 
 
-def compare(reference: torch.Tensor, probs: torch.Tensor) -> dict[str, float]:
+def compare(reference: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """Max abs probability difference and top-1 agreement of ``probs`` against ``reference``."""
     return {
-        "max_abs_diff": float((reference - probs).abs().max()),
-        "top1_agreement": float((reference.argmax(1) == probs.argmax(1)).float().mean()),
+        "max_abs_diff": float(np.abs(reference - probs).max()),
+        "top1_agreement": float((reference.argmax(1) == probs.argmax(1)).mean()),
         "n": int(reference.shape[0]),
     }
 
@@ -267,16 +273,18 @@ def folder_accuracy(
     """Top-1 accuracy of ``infer`` (batch -> probs) on a labelled ImageFolder whose folders are class names."""
     prep = info.preprocessing
     dataset = ImageFolder(
-        str(folder), transform=build_eval_transform(prep), loader=lambda p: decode_image(p, draft_size=prep.resize)
+        str(folder),
+        transform=lambda img: prepare(img, prep),
+        loader=lambda p: decode_image(p, draft_size=prep.resize),
     )
     names = list(info.class_names)
     unknown = [c for c in dataset.classes if c not in names]
     if unknown:
         raise ValueError(f"{folder}: folders {unknown[:5]} are not classes of this model")
-    to_model = torch.tensor([names.index(c) for c in dataset.classes])
+    to_model = np.array([names.index(c) for c in dataset.classes])
     correct = 0
     for x, y in DataLoader(dataset, batch_size=batch_size):
-        correct += int((infer(x).argmax(1) == to_model[y]).sum())
+        correct += int((infer(x.numpy()).argmax(1) == to_model[y.numpy()]).sum())
     return correct / len(dataset)
 
 
@@ -343,8 +351,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     paths = _check_paths(args)
     batch = load_batch(paths, bundle.preprocessing)
     temperature = bundle.temperature
-    with torch.inference_mode():
-        reference = softmax_probs(model(batch), temperature)
+    reference = torch_probs(NormalizedInput(model, bundle.preprocessing).eval(), batch, temperature)
     report: dict[str, Any] = {
         "bundle": str(args.bundle),
         "format": args.format,
@@ -354,8 +361,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.format == "torchscript":
         export_torchscript(bundle, model, out)
         module, _ = load_torchscript(out)
-        with torch.inference_mode():
-            report["fp32"] = {"file": str(out), **compare(reference, softmax_probs(module(batch), temperature))}
+        report["fp32"] = {"file": str(out), **compare(reference, torch_probs(module, batch, temperature))}
     else:
         sha = {SHA_KEY: file_sha256(args.bundle)}  # lets the service tell this export is of this bundle
         export_onnx(bundle, model, out, opset=args.opset, exporter=args.exporter, extra_metadata=sha)

@@ -1,9 +1,10 @@
 """Serving an exported ``.onnx`` with ONNX Runtime: the ``model.predictor.Predictor`` for that backend.
 
-Same steps and contract: ``preprocess(images) -> batch``, ``infer(batch) -> probs`` (softmax of the
-logits divided by the temperature, a CPU float tensor), ``postprocess(probs)``. The class names,
-preprocessing and temperature come from the file's metadata (written by ``model.export``), so the
-file needs no bundle beside it.
+Same steps and contract: ``preprocess(images) -> uint8 batch``, ``infer(batch) -> probs`` (softmax of
+the logits divided by the temperature), ``postprocess(probs)``. The class names, preprocessing and
+temperature come from the file's metadata (written by ``model.export``), so the file needs no bundle
+beside it, and nothing here imports torch: a serving worker on this backend is Pillow, numpy and
+ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
-from model.export_metadata import parse_metadata
+from model.export_metadata import ExportMetadata, parse_metadata
 from model.predictor import DEVICES, Predictor, available_cpus
 
 logger = logging.getLogger(__name__)
@@ -39,14 +39,15 @@ def session_options(num_threads: int | None = None, *, spinning: bool = True) ->
     return opts
 
 
-def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+def read_onnx_metadata(model: str | os.PathLike[str] | bytes) -> dict[str, str]:
     """An ONNX file's metadata properties (raw strings), read by ONNX Runtime without optimising the graph.
 
     The one reader of an export's metadata: ``parse_metadata`` turns the result into typed values.
     """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
@@ -63,7 +64,10 @@ def providers_for(device: str = "auto") -> list[str]:
 
 
 class OnnxPredictor(Predictor):
-    """An exported model under ONNX Runtime, with the eval transform and class names from its metadata."""
+    """An exported model under ONNX Runtime, with its preprocessing and class names from its metadata.
+
+    ``model`` is the file's path, or its bytes when the caller has read (and checked) them already.
+    """
 
     backend = "onnx"
 
@@ -71,6 +75,7 @@ class OnnxPredictor(Predictor):
         self,
         path: str | os.PathLike[str],
         *,
+        model: bytes | None = None,
         name: str | None = None,
         device: str = "auto",
         num_threads: int | None = None,
@@ -81,10 +86,11 @@ class OnnxPredictor(Predictor):
         started = time.perf_counter()
         self.path = Path(path)
         opts = session_options(num_threads, spinning=spinning)
-        self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers_for(device))
+        source = model if model is not None else str(self.path)
+        self.session = ort.InferenceSession(source, sess_options=opts, providers=providers_for(device))
         self.providers: list[str] = self.session.get_providers()
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.info = parse_metadata(self.metadata, source=str(self.path))
+        self.info: ExportMetadata = parse_metadata(self.metadata, source=str(self.path))
         super().__init__(
             name=name or self.path.stem,
             arch=self.info.arch,
@@ -109,16 +115,12 @@ class OnnxPredictor(Predictor):
         )
 
     @property
-    def device(self) -> torch.device:
-        return torch.device("cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu")
+    def device(self) -> str:
+        return "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
-    def logits(self, batch: torch.Tensor) -> np.ndarray:
-        x = np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.uint8)
         return self.session.run(None, {self.input_name: x})[0]
-
-    def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        logits = torch.from_numpy(self.logits(batch))
-        return torch.softmax(logits.float() / self.temperature, dim=1)
 
     def describe(self) -> dict[str, Any]:
         """What a client may know about the model (no weights): Predictor's fields, plus the providers."""

@@ -1,62 +1,54 @@
-"""Inference on a bundle: loaded once, warmed up, then ``preprocess -> infer -> postprocess``.
+"""Inference on a model: loaded once, warmed up, then ``preprocess -> infer -> postprocess``.
 
 The three steps are separate so a server can decode and preprocess requests on its own threads, batch
-the tensors of several requests into one ``infer`` call, and split the result back per request.
+the arrays of several requests into one ``infer`` call, and split the result back per request. This
+module needs no torch: preprocessing is Pillow and numpy (``model.pixels``) and a batch is a uint8
+numpy array, so a worker serving an ONNX export never imports torch. Backends (``TorchPredictor`` in
+``model.torch_predictor``, ``OnnxPredictor`` in ``model.onnx_runner``) differ only in how they load
+and in ``logits``.
 """
 
 from __future__ import annotations
 
 import abc
-import logging
-import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from PIL import Image
 
-from model.bundle import Bundle, load_bundle, model_from_bundle
+from model.cpus import available_cpus
+from model.pixels import prepare_batch
 from model.preprocessing import Preprocessing
-from model.transforms import build_eval_transform
-
-logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+# the torch backend's number formats on a GPU; auto = half precision where it agrees with fp32
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+__all__ = ["DEVICES", "PRECISIONS", "Predictor", "available_cpus", "softmax", "top_scores"]
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (container/affinity aware), not the machine's total."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` in float32 (stable: the row maximum is subtracted)."""
+    z = np.asarray(logits, dtype=np.float32) / np.float32(temperature)
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
-    return torch.device(device)
-
-
-def configure_threads(num_threads: int | None) -> int:
-    """Set torch's intra-op threads (process-wide); default: the CPUs this process may use."""
-    n = num_threads if num_threads and num_threads > 0 else available_cpus()
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-    return n
+def top_scores(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, indices) of the ``k`` largest per row, largest first; ties keep the lower index first."""
+    indices = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(probs, indices, axis=1), indices
 
 
 class Predictor(abc.ABC):
-    """A model with its eval transform and class names: ``preprocess -> infer -> postprocess``.
+    """A model with its eval preprocessing and class names: ``preprocess -> infer -> postprocess``.
 
-    Everything but loading and ``infer`` is shared; a backend (torch, ONNX Runtime) sets the fields
-    below through ``__init__`` and implements ``infer`` and ``device``.
+    Everything but loading and ``logits`` is shared; a backend (torch, ONNX Runtime) sets the fields
+    below through ``__init__`` and implements ``logits`` and ``device``.
     """
 
     backend = "unknown"
@@ -79,40 +71,42 @@ class Predictor(abc.ABC):
         self.temperature = float(temperature)
         self.training = training
         self.num_threads = num_threads
-        self.transform = build_eval_transform(preprocessing)
         self.load_seconds = 0.0
         self.warmup_seconds = 0.0
 
     @abc.abstractmethod
-    def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        """A batch (N, C, H, W) -> class probabilities (N, classes) on the CPU, temperature applied."""
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """A uint8 batch (N, C, crop, crop) -> logits (N, classes) as a float32 numpy array."""
 
     @property
     @abc.abstractmethod
-    def device(self) -> torch.device:
-        """Where ``infer`` runs."""
+    def device(self) -> str:
+        """Where ``logits`` runs: 'cpu', 'cuda' or 'cuda:N'."""
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         p = self.preprocessing
         return (p.channels, p.crop, p.crop)
 
-    def warm_up(self) -> float:
-        """One forward pass so the first real request does not pay for lazy initialisation."""
+    def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> float:
+        """A forward pass per batch size, so the first real requests do not pay for lazy initialisation."""
         started = time.perf_counter()
-        self.infer(torch.zeros((1, *self.input_shape)))
+        for size in batch_sizes:
+            self.infer(np.zeros((size, *self.input_shape), dtype=np.uint8))
         return time.perf_counter() - started
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images -> one float batch (N, C, H, W) on the CPU."""
-        if not images:
-            raise ValueError("no images")
-        return torch.stack([self.transform(img) for img in images])
+    def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Decoded images -> one uint8 batch (N, C, crop, crop): ``model.pixels``, the only definition."""
+        return prepare_batch(images, self.preprocessing)
 
-    def postprocess(self, probs: torch.Tensor, top_k: int = 3) -> list[list[dict[str, Any]]]:
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """A uint8 batch -> class probabilities (N, classes), temperature applied, float32 on the CPU."""
+        return softmax(self.logits(batch), self.temperature)
+
+    def postprocess(self, probs: np.ndarray, top_k: int = 3) -> list[list[dict[str, Any]]]:
         """Probabilities -> per image, the top_k ``{label, index, score}`` sorted by score."""
         k = max(1, min(int(top_k), len(self.class_names)))
-        scores, indices = probs.topk(k, dim=1)
+        scores, indices = top_scores(np.asarray(probs), k)
         return [
             [
                 {"label": self.class_names[i], "index": i, "score": round(float(s), 6)}
@@ -137,63 +131,3 @@ class Predictor(abc.ABC):
             "created": self.training.get("date"),
             "backend": self.backend,
         }
-
-
-class TorchPredictor(Predictor):
-    """A bundle's model run by torch (eager), on the CPU or a CUDA device."""
-
-    backend = "torch"
-
-    def __init__(
-        self,
-        bundle: Bundle,
-        model: torch.nn.Module | None = None,
-        *,
-        name: str = "model",
-        device: str = "auto",
-        num_threads: int | None = None,
-        warmup: bool = True,
-    ) -> None:
-        torch_device = resolve_device(device)
-        threads = configure_threads(num_threads) if torch_device.type == "cpu" else torch.get_num_threads()
-        super().__init__(
-            name=name,
-            arch=bundle.arch,
-            class_names=bundle.class_names,
-            preprocessing=bundle.preprocessing,
-            temperature=bundle.temperature,
-            training=bundle.training,
-            num_threads=threads,
-        )
-        self.bundle = bundle
-        self._device = torch_device
-        model = model if model is not None else model_from_bundle(bundle, source=name)
-        self.model = model.eval().to(torch_device)
-        self.warmup_seconds = self.warm_up() if warmup else 0.0
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str], **kwargs: Any) -> TorchPredictor:
-        started = time.perf_counter()
-        bundle, model = load_bundle(path)
-        kwargs.setdefault("name", Path(path).stem)
-        predictor = cls(bundle, model, **kwargs)
-        predictor.load_seconds = time.perf_counter() - started
-        logger.info(
-            "loaded %s (%s, %d classes) on %s with %d threads in %.2fs",
-            predictor.name,
-            predictor.arch,
-            len(predictor.class_names),
-            predictor.device,
-            predictor.num_threads,
-            predictor.load_seconds,
-        )
-        return predictor
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            logits = self.model(batch.to(self._device, non_blocking=True))
-            return torch.softmax(logits.float() / self.temperature, dim=1).cpu()

@@ -9,7 +9,7 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-import torch
+import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, request
 from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -52,14 +52,18 @@ def readyz() -> Response:
     reg = registry()
     if not reg.ready:
         raise ApiError("not_ready", "the models are not loaded and warm, or the worker is shutting down")
-    return jsonify(status="ready", models=reg.names(), default_model=reg.default)
+    m = reg.manifest
+    return jsonify(status="ready", models=reg.names(), default_model=reg.default, backend=m.backend, device=m.device)
 
 
 @bp.get("/models")
 def models() -> Response:
     reg = registry()
     return jsonify(
-        version=release.__version__, default_model=reg.default, models=[m.describe() for m in reg.models.values()]
+        version=release.__version__,
+        default_model=reg.default,
+        serving={"backend": reg.manifest.backend, "device": reg.manifest.device, "reason": reg.manifest.reason},
+        models=[m.describe() for m in reg.models.values()],
     )
 
 
@@ -180,20 +184,20 @@ def classify(
     """Decode and preprocess here, on the request thread; only the forward pass goes to the batcher.
 
     Every file's header is read first, so the request's pixel budget is spent before any pixel is
-    decoded; then the files are decoded one at a time, each freed once it is a tensor.
+    decoded; then the files are decoded one at a time, each freed once it is a uint8 array.
     """
     predictor = served.predictor
     cfg = current_app.config
     opened = open_uploads(uploads, cfg["MAX_IMAGE_PIXELS"], cfg["MAX_REQUEST_PIXELS"])
     outcomes: list[list[dict[str, Any]] | ApiError] = []
-    tensors: list[torch.Tensor] = []
+    arrays: list[np.ndarray] = []
     for i, item in enumerate(opened):
         opened[i] = None  # the decoded image lives only as long as this iteration
         if isinstance(item, ApiError):
             outcomes.append(item)
             continue
         try:
-            tensors.append(_to_tensor(item, predictor))
+            arrays.append(_prepared(item, predictor))
             outcomes.append([])
         except ImageDecodeError as exc:
             outcomes.append(ApiError.from_image_error(exc))
@@ -202,9 +206,9 @@ def classify(
             outcomes.append(ApiError("unconvertible_image", f"the image cannot be converted: {exc}"))
         finally:
             item.close()
-    if tensors:
+    if arrays:
         try:
-            probs = served.batcher.submit(torch.cat(tensors))
+            probs = served.batcher.submit(np.concatenate(arrays))
         except BatcherClosed as exc:
             raise ApiError("not_ready", str(exc)) from None
         except FutureTimeout:
@@ -244,6 +248,6 @@ def open_uploads(
     return opened
 
 
-def _to_tensor(img: Image.Image, predictor: Predictor) -> torch.Tensor:
+def _prepared(img: Image.Image, predictor: Predictor) -> np.ndarray:
     """One opened image -> its model input; the full-size decoded image is freed on return."""
     return predictor.preprocess([load_image(img, draft_size=predictor.preprocessing.resize)])

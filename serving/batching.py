@@ -1,6 +1,6 @@
 """Dynamic batching inside one worker: concurrent requests share one forward pass.
 
-Request threads decode and preprocess their own images, then ``submit`` the tensor and wait. One
+Request threads decode and preprocess their own images, then ``submit`` the uint8 array and wait. One
 batching thread per model takes the oldest waiting tensor, adds whatever else is waiting until the
 batch holds ``max_size`` images or the oldest has waited ``max_delay`` (TorchServe's batch_size and
 max_batch_delay, Triton's max_queue_delay), runs one ``infer`` and hands each request its own rows.
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
-import torch
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +33,9 @@ class BatcherClosed(RuntimeError):
 class _Job:
     __slots__ = ("batch", "future", "arrived")
 
-    def __init__(self, batch: torch.Tensor) -> None:
+    def __init__(self, batch: np.ndarray) -> None:
         self.batch = batch
-        self.future: Future[torch.Tensor] = Future()
+        self.future: Future[np.ndarray] = Future()
         self.arrived = time.monotonic()
 
 
@@ -45,7 +45,7 @@ _STOP = object()
 class Batcher:
     def __init__(
         self,
-        infer: Callable[[torch.Tensor], torch.Tensor],
+        infer: Callable[[np.ndarray], np.ndarray],
         *,
         max_size: int = 8,
         max_delay_ms: float = 2.0,
@@ -91,7 +91,7 @@ class Batcher:
             self._thread = threading.Thread(target=self._run, name=f"batcher-{self.name}", daemon=True)
             self._thread.start()
 
-    def submit(self, batch: torch.Tensor) -> torch.Tensor:
+    def submit(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for ``batch`` (N, C, H, W), computed alone or together with other requests."""
         if self._closed:
             raise BatcherClosed(f"model {self.name!r} is shutting down")
@@ -112,7 +112,7 @@ class Batcher:
             self._queue.put(_STOP)
             thread.join(timeout)
 
-    def _run_batch(self, batch: torch.Tensor) -> torch.Tensor:
+    def _run_batch(self, batch: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
         probs = self.infer(batch)
         if self.on_batch is not None:
@@ -160,7 +160,7 @@ class Batcher:
         if not live:
             return
         try:
-            batch = live[0].batch if len(live) == 1 else torch.cat([j.batch for j in live])
+            batch = live[0].batch if len(live) == 1 else np.concatenate([j.batch for j in live])
             probs = self._run_batch(batch)
         except Exception as exc:  # noqa: BLE001 - handed to every waiting request, which reports it
             logger.exception("inference failed for a batch of %d on %s", len(live), self.name)

@@ -12,12 +12,13 @@ import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+from flask import Config
+
 from model.images import DEFAULT_MAX_PIXELS
-from model.predictor import DEVICES
+from model.predictor import DEVICES, PRECISIONS, available_cpus
+from serving.backend_choice import BACKENDS
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("onnx", "torch")
 
 DEFAULTS: dict[str, Any] = {
     # folder whose *.pth bundles are served, each under its file stem
@@ -26,12 +27,15 @@ DEFAULTS: dict[str, Any] = {
     "DEFAULT_MODEL": "default",
     # auto | cpu | cuda
     "DEVICE": "auto",
-    # onnx: ONNX Runtime runs each bundle's export (<stem>.onnx, made at start when missing or stale);
-    # torch: eager PyTorch. Same answers (probabilities within 1e-4), same batching; onnx is the faster
-    # backend on CPU (docs/performance.md).
-    "BACKEND": "onnx",
+    # auto: on a GPU host, ONNX Runtime's CUDA provider if installed, else torch on cuda; otherwise onnx.
+    # onnx: ONNX Runtime runs each bundle's export (<stem>.onnx, made at start when missing or stale), in
+    # workers that never import torch; torch: eager PyTorch. Same answers (probabilities within 1e-4),
+    # same batching; onnx is the faster backend on CPU (docs/performance.md). serving/backend_choice.py.
+    "BACKEND": "auto",
     # folder for the .onnx exports; unset = beside each bundle (set it when the model folder is read-only)
     "ONNX_DIR": None,
+    # torch on a GPU: auto = bf16 or fp16 where it agrees with fp32 on check images (top-1, |dp| <= 1e-3), else fp32
+    "PRECISION": "auto",
     # intra-op threads per worker for either backend; 0 = the CPUs this process may use
     "TORCH_THREADS": 0,
     # largest request body in bytes, enforced while streaming too (Flask's own setting)
@@ -46,19 +50,20 @@ DEFAULTS: dict[str, Any] = {
     "MAX_FILES": 16,
     "TOP_K_DEFAULT": 3,
     "TOP_K_MAX": 20,
-    # dynamic batching: most images in one forward pass (1 = off: one at a time under a lock) ...
-    "BATCH_MAX_SIZE": 8,
+    # dynamic batching: most images in one forward pass (1 = off: one at a time under a lock; 0 = chosen for
+    # the device: 8 on a CPU, 32 on a GPU, serving/registry.py) ...
+    "BATCH_MAX_SIZE": 0,
     # ... and the longest the oldest waiting request is held for others to join. 0: a batch is what queued
     # while the previous pass ran (under load batches still form; a lone request never waits)
     "BATCH_MAX_DELAY_MS": 0.0,
     # when set, POST /predict needs `Authorization: Bearer <key>`; at least API_KEY_MIN_LENGTH characters
     "API_KEY": None,
-    # most requests of one worker decoding and inferring at once (POST /predict, POST /). 0 = the worker's
-    # request threads minus PROBE_THREADS, at most INFLIGHT_AUTO_MAX. The request threads left beyond those
-    # and PROBE_THREADS form a waiting room: a request finding no free slot waits there up to
-    # ADMISSION_WAIT_MS for one; with the room full, or after that wait, it gets 503 busy with Retry-After.
-    # The PROBE_THREADS never wait, so /healthz, /readyz and /metrics answer under any load.
-    # No limit outside gunicorn.
+    # most requests of one worker decoding and inferring at once (POST /predict, POST /). 0 = 3 per model
+    # thread (INFLIGHT_PER_MODEL_THREAD), at most INFLIGHT_AUTO_MAX and the request threads minus
+    # PROBE_THREADS. The request threads left beyond those and PROBE_THREADS form a waiting room: a request
+    # finding no free slot waits there up to ADMISSION_WAIT_MS for one; with the room full, or after that
+    # wait, it gets 503 busy with Retry-After. The PROBE_THREADS never wait, so /healthz, /readyz and
+    # /metrics answer under any load. No limit outside gunicorn.
     "MAX_INFLIGHT": 0,
     "ADMISSION_WAIT_MS": 1000,
 }
@@ -73,6 +78,9 @@ PROBE_THREADS = 2
 # the automatic MAX_INFLIGHT at most: more parallel decodes buy nothing on a few cores (one batcher runs the
 # model), and each costs up to one worst-case image of memory (deploy/k8s is sized for this many)
 INFLIGHT_AUTO_MAX = 6
+# requests decoding at once per model thread of a worker: one in the model, two decoding beside it; a
+# worker per CPU (gunicorn.conf.py) then admits 3, and a host as many in all as it has cores to run them
+INFLIGHT_PER_MODEL_THREAD = 3
 # set by gunicorn.conf.py in each worker: the request threads gunicorn gave it (--threads, GUNICORN_THREADS)
 REQUEST_THREADS_ENV = "IMGCLF_REQUEST_THREADS"
 
@@ -84,7 +92,7 @@ INT_SETTINGS = {
     "MAX_FILES": 1,
     "TOP_K_DEFAULT": 1,
     "TOP_K_MAX": 1,
-    "BATCH_MAX_SIZE": 1,
+    "BATCH_MAX_SIZE": 0,
     "MAX_INFLIGHT": 0,
     "ADMISSION_WAIT_MS": 0,
 }
@@ -92,6 +100,17 @@ INT_SETTINGS = {
 
 class ConfigError(ValueError):
     """A setting that makes no sense; raised while the app is created so the worker refuses to start."""
+
+
+def load_settings(config: Config, test_config: Mapping[str, Any] | None = None) -> Config:
+    """The defaults, then the FLASK_* environment, then ``test_config``; checked (ConfigError)."""
+    config.from_mapping(DEFAULTS)
+    config.from_prefixed_env()
+    read_raw_environment(config)
+    if test_config is not None:
+        config.from_mapping(test_config)
+    check_config(config)
+    return config
 
 
 def read_raw_environment(config: MutableMapping[str, Any], environ: Mapping[str, str] = os.environ) -> None:
@@ -130,6 +149,8 @@ def check_config(config: MutableMapping[str, Any]) -> None:
         )
     if config["DEVICE"] not in DEVICES:
         raise ConfigError(f"DEVICE must be one of {DEVICES}, not {config['DEVICE']!r}")
+    if config["PRECISION"] not in PRECISIONS:
+        raise ConfigError(f"PRECISION must be one of {PRECISIONS}, not {config['PRECISION']!r}")
     if config["BACKEND"] not in BACKENDS:
         raise ConfigError(f"BACKEND must be one of {BACKENDS}, not {config['BACKEND']!r}")
     config["ONNX_DIR"] = str(config["ONNX_DIR"]) if config.get("ONNX_DIR") not in (None, "") else None
@@ -165,13 +186,14 @@ def request_threads(environ: Mapping[str, str] = os.environ) -> int | None:
 
 
 def admission_limit(config: Mapping[str, Any], threads: int | None) -> int | None:
-    """MAX_INFLIGHT in effect: the setting, or (0) the request threads minus PROBE_THREADS (at most
-    INFLIGHT_AUTO_MAX); None = no limit."""
+    """MAX_INFLIGHT in effect: the setting, or (0) INFLIGHT_PER_MODEL_THREAD per model thread, at most
+    INFLIGHT_AUTO_MAX and the request threads minus PROBE_THREADS; None = no limit."""
     wanted = config["MAX_INFLIGHT"]
     if threads is None:
         return wanted or None
     if not wanted:
-        return max(1, min(threads - PROBE_THREADS, INFLIGHT_AUTO_MAX))
+        model_threads = config["TORCH_THREADS"] or available_cpus()
+        return max(1, min(threads - PROBE_THREADS, INFLIGHT_AUTO_MAX, INFLIGHT_PER_MODEL_THREAD * model_threads))
     if wanted > threads - PROBE_THREADS:
         logger.warning(
             "MAX_INFLIGHT=%d of %d request threads leaves fewer than %d for /healthz, /readyz and /metrics: "

@@ -29,7 +29,7 @@ from typing import Any
 
 from model.bundle import Bundle, load_bundle, read_bundle
 from model.export import export_onnx
-from model.export_metadata import SHA_KEY, metadata_from_bundle, parse_metadata
+from model.export_metadata import SHA_KEY, metadata_from_bundle, parse_metadata, takes_pixels
 from model.files import file_lock, file_sha256
 from model.onnx_runner import OnnxPredictor, read_onnx_metadata
 
@@ -59,10 +59,14 @@ def exported_sha(path: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        return read_onnx_metadata(path).get(SHA_KEY)
+        metadata = read_onnx_metadata(path)
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises plain Exception subclasses (InvalidProtobuf...)
         logger.warning("cannot read %s (%s): it will be exported again", path, str(exc).splitlines()[0][:200])
         return None
+    if not takes_pixels(metadata):
+        logger.warning("%s was made by an older model.export (normalised float input): it will be exported again", path)
+        return None
+    return metadata.get(SHA_KEY)
 
 
 def private_export_folder() -> Path:

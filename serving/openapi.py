@@ -237,6 +237,8 @@ def _schemas() -> dict[str, Any]:
                 "status": {"type": "string"},
                 "models": {"type": "array", "items": {"type": "string"}},
                 "default_model": {"type": "string"},
+                "backend": {"type": "string", "enum": ["onnx", "torch"]},
+                "device": {"type": "string", "enum": ["cpu", "cuda"]},
             },
         },
         "Models": {
@@ -244,6 +246,15 @@ def _schemas() -> dict[str, Any]:
             "properties": {
                 "version": {"type": "string"},
                 "default_model": {"type": "string"},
+                "serving": {
+                    "type": "object",
+                    "description": "the backend and device chosen at start, and why",
+                    "properties": {
+                        "backend": {"type": "string"},
+                        "device": {"type": "string"},
+                        "reason": {"type": "string"},
+                    },
+                },
                 "models": {
                     "type": "array",
                     "items": {

@@ -146,6 +146,7 @@ def render_page(
     models = [served.describe() for served in reg.models.values()]
     for info in models:
         info.pop("class_names", None)  # up to thousands of labels the page does not need
+    upload_sides = {info["name"]: upload_side(info["preprocessing"]) for info in models}
     return render_template(
         "index.html",
         models=models,
@@ -156,12 +157,20 @@ def render_page(
         max_bytes=cfg["MAX_CONTENT_LENGTH"],
         max_size=format_bytes(cfg["MAX_CONTENT_LENGTH"]),
         max_files=cfg["MAX_FILES"],
+        upload_side=upload_sides.get(reg.default, 0),
+        upload_sides=upload_sides,
         api_key_required=bool(cfg["API_KEY"]),
         messages=page_messages(),
         results=results or [],
         error=error,
         asset=asset_url,
     )
+
+
+def upload_side(preprocessing: dict[str, Any]) -> int:
+    """The short side app.js cuts a large photo to before upload: twice the model's input, so the
+    server's own resize to ``resize`` and crop to ``crop`` still start from more pixels than they keep."""
+    return max(2 * int(preprocessing["crop"]), int(preprocessing["resize"]))
 
 
 def asset_url(filename: str) -> str:

@@ -1,32 +1,36 @@
-"""The models one worker serves: every ``*.pth`` in the model folder, loaded once, warmed up, batched.
+"""The models one worker serves: the manifest's files, loaded once, warmed up, batched.
 
-Model names are the file stems found at start; a request's ``model`` is looked up in that set and is
-never used to build a path. A bundle that cannot be loaded stops the start with a message naming the
-file: a worker either serves every model it was given or none.
+The manifest (``serving.manifest``) is written once per start by ``serving.prepare`` (gunicorn's master
+runs it before forking; an app made outside gunicorn prepares its own), so a worker on the ONNX
+backend loads checked ``.onnx`` files and never imports torch; the torch backend loads the bundles
+(``model.torch_predictor``, imported only then). Model names are the bundles' file stems; a
+request's ``model`` is looked up in that set and is never used to build a path. A model that cannot be
+loaded stops the worker with a message naming the file: a worker serves every model or none.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from model.bundle import BundleError
-from model.default import ensure_default_model
-from model.files import file_lock
-from model.predictor import Predictor, TorchPredictor, configure_threads
+from model.onnx_runner import OnnxPredictor
+from model.predictor import Predictor
 from serving.batching import Batcher
-from serving.exports import onnx_predictor_for_bundle
+from serving.manifest import MANIFEST_ENV, Manifest, ModelLoadError, ServedFile, read_manifest
 
 logger = logging.getLogger(__name__)
 
-BUILT_IN_DEFAULT = "default"
+# The automatic BATCH_MAX_SIZE (0) per device: on a CPU a batch of 8 already runs the model at its best
+# rate; a GPU keeps gaining up to a few dozen images per pass (docs/performance.md).
+AUTO_BATCH_MAX_SIZE = {"cpu": 8, "cuda": 32}
 
-
-class ModelLoadError(RuntimeError):
-    """The service cannot start with this model folder."""
+__all__ = ["ModelLoadError", "ModelRegistry", "ServedModel", "current_manifest"]
 
 
 class ServedModel:
@@ -44,55 +48,53 @@ class ServedModel:
     def describe(self) -> dict[str, Any]:
         info = self.predictor.describe()
         info["device"] = str(self.predictor.device)
+        info["precision"] = getattr(self.predictor, "precision", "fp32")
+        info["batch_max_size"] = self.batcher.max_size
         info["load_seconds"] = round(self.load_seconds, 3)
         return info
 
 
+def current_manifest(config: Mapping[str, Any]) -> Manifest:
+    """The manifest the master prepared (``IMGCLF_MANIFEST``), or one prepared here, in this process.
+
+    Preparing needs torch (it may export), so ``serving.prepare`` is imported only on that path: a
+    gunicorn worker, which gets the master's manifest, never loads it.
+    """
+    path = os.environ.get(MANIFEST_ENV)
+    if path:
+        return read_manifest(path)
+    prepare = importlib.import_module("serving.prepare")
+    return prepare.prepare_models(config)
+
+
 class ModelRegistry:
-    def __init__(self, models: dict[str, ServedModel], default: str) -> None:
+    def __init__(self, models: dict[str, ServedModel], default: str, manifest: Manifest) -> None:
         self.models = models
         self.default = default
+        self.manifest = manifest
         self.draining = False
 
     @classmethod
     def load(
         cls,
-        model_dir: str | Path,
+        manifest: Manifest,
         *,
-        default: str,
-        device: str,
         num_threads: int | None,
-        backend: str = "torch",
-        onnx_dir: str | None = None,
-        batch_max_size: int,
+        precision: str = "auto",
+        batch_max_size: int = 0,
         batch_max_delay_ms: float,
         on_batch: Callable[[str, int, float], None] | None = None,
     ) -> ModelRegistry:
-        folder = Path(model_dir)
-        if default == BUILT_IN_DEFAULT and not (folder / f"{default}.pth").exists():
-            try:  # several workers may start at once: one builds, the others wait
-                with file_lock(folder / ".build.lock"):
-                    ensure_default_model(folder / f"{default}.pth")
-            except OSError as exc:  # e.g. a read-only mounted folder of the user's own bundles
-                raise ModelLoadError(
-                    f"{folder.resolve()} has no {default}.pth and it cannot be built there ({exc}); "
-                    f"set FLASK_DEFAULT_MODEL to one of your bundles' names"
-                ) from None
-        paths = sorted(folder.glob("*.pth")) if folder.is_dir() else []
-        if not paths:
-            raise ModelLoadError(f"no model bundles (*.pth) in {folder.resolve()}")
-        stems = [p.stem for p in paths]
-        if default not in stems:
-            raise ModelLoadError(f"default model {default!r} is not in {folder.resolve()} (found: {', '.join(stems)})")
+        max_size = batch_max_size or AUTO_BATCH_MAX_SIZE.get(manifest.device, 8)
         models: dict[str, ServedModel] = {}
-        for path in paths:
+        for entry in manifest.models:
             started = time.perf_counter()
             try:
-                predictor = load_predictor(path, backend, device=device, num_threads=num_threads, onnx_dir=onnx_dir)
-            except BundleError as exc:  # its message names the file
-                raise ModelLoadError(f"cannot serve the bundle {exc}") from exc
+                predictor = load_served_file(entry, manifest, num_threads, precision, max_size)
+            except ModelLoadError:
+                raise
             except (RuntimeError, ValueError, OSError) as exc:
-                raise ModelLoadError(f"cannot serve the bundle {path}: {exc}") from exc
+                raise ModelLoadError(f"cannot serve the bundle {entry.bundle}: {exc}") from exc
             seconds = time.perf_counter() - started
 
             def report(size: int, secs: float, name: str = predictor.name) -> None:
@@ -101,15 +103,15 @@ class ModelRegistry:
 
             batcher = Batcher(
                 predictor.infer,
-                max_size=batch_max_size,
+                max_size=max_size,
                 max_delay_ms=batch_max_delay_ms,
                 name=predictor.name,
                 on_batch=report,
             )
             batcher.start()
             models[predictor.name] = ServedModel(predictor, batcher, seconds)
-            logger.info("serving %s from %s (load + warm-up %.2fs)", predictor.name, path, seconds)
-        return cls(models, default)
+            logger.info("serving %s from %s (load + warm-up %.2fs)", predictor.name, entry.path, seconds)
+        return cls(models, manifest.default, manifest)
 
     @property
     def ready(self) -> bool:
@@ -142,15 +144,35 @@ class ModelRegistry:
             served.batcher.close()
 
 
-def load_predictor(
-    path: Path, backend: str, *, device: str, num_threads: int | None, onnx_dir: str | None
+def load_served_file(
+    entry: ServedFile, manifest: Manifest, num_threads: int | None, precision: str, max_batch: int
 ) -> Predictor:
-    """One bundle, loaded and warm, on the chosen backend."""
-    if backend == "torch":
-        return TorchPredictor.from_file(path, device=device, num_threads=num_threads or None)
-    if backend != "onnx":
-        raise ValueError(f"unknown backend {backend!r}")
-    # torch only preprocesses single images here: its own thread pool would just compete with ONNX
-    # Runtime's for the same cores. ONNX Runtime's pool does not spin when idle, for the same reason.
-    configure_threads(1)
-    return onnx_predictor_for_bundle(path, onnx_dir=onnx_dir, device=device, num_threads=num_threads, spinning=False)
+    """One model of the manifest, loaded and warm; its file must still be the one that was checked."""
+    data = Path(entry.path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise ModelLoadError(
+            f"{entry.path} changed after the service checked it at start (retrained or exported again while "
+            f"it ran?): restart the service (or send gunicorn's master SIGHUP) to serve the new file"
+        )
+    if manifest.backend == "onnx":
+        # ONNX Runtime's pool does not spin when idle: the worker's request threads decode on the same cores
+        return OnnxPredictor(
+            entry.path,
+            model=data,
+            name=entry.name,
+            device=manifest.device,
+            num_threads=num_threads,
+            spinning=False,
+            training=dict(entry.training),
+        )
+    del data  # the torch backend reads the bundle itself
+    torch_predictor = importlib.import_module("model.torch_predictor")
+    sizes = range(1, max_batch + 1) if manifest.device == "cuda" else (1,)
+    return torch_predictor.TorchPredictor.from_file(
+        entry.path,
+        name=entry.name,
+        device=manifest.device,
+        num_threads=num_threads or None,
+        precision=precision,
+        warmup_batch_sizes=sizes,
+    )

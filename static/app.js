@@ -28,6 +28,12 @@
   const maxFiles = Number(form.dataset.maxFiles);
   const messages = JSON.parse(form.dataset.messages);
   const PART_OVERHEAD = 1024; // multipart headers of one file, plus the model and top_k fields
+  // The short side (pixels) each model's photos are cut to before they travel: twice the model's input,
+  // from its preprocessing on the server. A photo with fewer pixels, or a file this small, goes as it is.
+  const uploadSides = JSON.parse(form.dataset.uploadSides || "{}");
+  const defaultUploadSide = Number(form.dataset.uploadSide) || 0;
+  const SHRINK_ABOVE_BYTES = 300 * 1024;
+  const JPEG_QUALITY = 0.9;
 
   let chosen = []; // [{file, url}] in the order they were added
   let cardUrls = []; // object URLs of the thumbnails in the result cards
@@ -192,13 +198,62 @@
     fill(card, "meta", `${model} · ${Math.round(timeMs)} ms`);
   }
 
+  // --- making large photos small before they travel
+
+  function uploadSide() {
+    return (modelSelect && uploadSides[modelSelect.value]) || defaultUploadSide;
+  }
+
+  function renamed(name, extension) {
+    return name ? name.replace(/\.[^./\\]*$/, "") + extension : `pasted-image${extension}`;
+  }
+
+  async function encodeJpeg(canvas) {
+    if (canvas.convertToBlob) return canvas.convertToBlob({ type: "image/jpeg", quality: JPEG_QUALITY });
+    return new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", JPEG_QUALITY));
+  }
+
+  // The model sees a few hundred pixels, a phone photo has millions: it is drawn here at `side` pixels on
+  // its short side and sent as a small JPEG (less to send on a slow link, and under the server's byte
+  // limit). EXIF orientation is applied while decoding (the JPEG carries none); transparency goes over
+  // white, as the server composites it. Anything this browser cannot do (a TIFF it cannot decode, no
+  // canvas, no memory) sends the original file: the server decides about it, as it did before.
+  async function shrink(file, side) {
+    if (!side || file.size <= SHRINK_ABOVE_BYTES || typeof createImageBitmap !== "function") return file;
+    let bitmap = null;
+    try {
+      bitmap = await createImageBitmap(file, { imageOrientation: "from-image" });
+      const scale = side / Math.min(bitmap.width, bitmap.height);
+      if (scale >= 1) return file; // never made larger
+      const width = Math.max(1, Math.round(bitmap.width * scale));
+      const height = Math.max(1, Math.round(bitmap.height * scale));
+      const canvas =
+        typeof OffscreenCanvas === "function"
+          ? new OffscreenCanvas(width, height)
+          : Object.assign(document.createElement("canvas"), { width, height });
+      const context = canvas.getContext("2d");
+      context.fillStyle = "#fff";
+      context.fillRect(0, 0, width, height);
+      context.imageSmoothingEnabled = true;
+      context.imageSmoothingQuality = "high";
+      context.drawImage(bitmap, 0, 0, width, height);
+      const blob = await encodeJpeg(canvas);
+      if (!blob || blob.type !== "image/jpeg" || blob.size >= file.size) return file;
+      return new File([blob], renamed(file.name, ".jpg"), { type: "image/jpeg", lastModified: file.lastModified });
+    } catch {
+      return file;
+    } finally {
+      if (bitmap) bitmap.close();
+    }
+  }
+
   // Several photos go in as few requests as the server's limits (bytes and files per request) allow.
   function batches(jobs) {
     const out = [];
     let current = [];
     let bytes = 0;
     for (const job of jobs) {
-      const size = job.c.file.size + PART_OVERHEAD;
+      const size = job.upload.size + PART_OVERHEAD;
       if (current.length && (bytes + size > maxBytes || current.length >= maxFiles)) {
         out.push(current);
         current = [];
@@ -219,7 +274,7 @@
   // Returns how many photos of the batch could not be classified.
   async function send(batch) {
     const body = new FormData();
-    for (const job of batch) body.append("file", job.c.file, job.c.file.name || "pasted-image.png");
+    for (const job of batch) body.append("file", job.upload, job.upload.name || "pasted-image.png");
     body.append("top_k", topK.value);
     if (modelSelect) body.append("model", modelSelect.value);
     const headers = apiKey ? { Authorization: `Bearer ${apiKey.value}` } : {};
@@ -280,17 +335,19 @@
     results.hidden = false;
 
     let failed = 0;
-    const sendable = [];
-    for (const job of jobs) {
-      if (job.c.file.size + PART_OVERHEAD > maxBytes) {
-        // checked here, against the server's limit, so a too-large photo is never uploaded
-        showCardError(job.card, message("file_too_large", { size: formatBytes(job.c.file.size) }));
-        failed += 1;
-      } else {
-        sendable.push(job);
-      }
-    }
     try {
+      const sendable = [];
+      const side = uploadSide();
+      for (const job of jobs) {
+        job.upload = await shrink(job.c.file, side); // one at a time: a decoded 12 MP photo is 48 MB
+        if (job.upload.size + PART_OVERHEAD > maxBytes) {
+          // checked here, on what would be sent, against the server's limit: a too-large file never travels
+          showCardError(job.card, message("file_too_large", { size: formatBytes(job.upload.size) }));
+          failed += 1;
+        } else {
+          sendable.push(job);
+        }
+      }
       for (const batch of batches(sendable)) failed += await send(batch);
     } finally {
       setBusy(false);

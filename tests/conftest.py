@@ -14,6 +14,30 @@ from tests.support import ROOT
 from tests.support.bundles import tiny_bundle
 from tests.support.photos import photo_paths
 
+CUDA_SKIP_REASON = "needs a CUDA device (none here)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped, with the reason, where torch sees no CUDA device (CPU CI)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(pytest.mark.skip(reason=CUDA_SKIP_REASON))
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five real classes (crops of the sample photos, training.photo_folder), 30 images each, 48 px: data
+    that needs no Debian package (the GPU machine has none)."""
+    from training.photo_folder import write_folder
+
+    out = tmp_path_factory.mktemp("photo-folder")
+    write_folder(out, per_class=30, size=48)
+    return out
+
 
 @pytest.fixture(scope="session")
 def photos() -> dict[str, Path]:

@@ -25,21 +25,25 @@ PROBES = ("/healthz", "/readyz", "/metrics")
 
 
 @pytest.mark.parametrize(
-    ("setting", "threads", "limit"),
+    ("setting", "threads", "model_threads", "limit"),
     [
-        (0, 16, 6),
-        (0, 8, 6),
-        (0, 4, 2),
-        (0, 3, 1),
-        (0, 1, 1),
-        (5, 8, 5),
-        (8, 8, 8),
-        (0, None, None),
-        (3, None, 3),
+        (0, 16, 2, 6),
+        (0, 8, 2, 6),
+        (0, 4, 2, 2),
+        (0, 3, 2, 1),
+        (0, 1, 2, 1),
+        (0, 24, 1, 3),  # a worker per CPU: one in the model, two decoding beside it
+        (0, 24, 4, 6),
+        (5, 8, 1, 5),
+        (8, 8, 1, 8),
+        (0, None, 1, None),
+        (3, None, 1, 3),
     ],
 )
-def test_the_default_limit_leaves_two_request_threads_for_probes(setting, threads, limit) -> None:
-    assert admission_limit({"MAX_INFLIGHT": setting}, threads) == limit
+def test_the_default_limit_follows_the_model_threads_and_leaves_two_for_probes(
+    setting, threads, model_threads, limit
+) -> None:
+    assert admission_limit({"MAX_INFLIGHT": setting, "TORCH_THREADS": model_threads}, threads) == limit
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,9 @@ from torch.nn import functional as F  # noqa: N812 - the usual alias
 from model.bundle import load_bundle, make_bundle, save_bundle
 from model.export import export_onnx
 from model.onnx_runner import OnnxPredictor
-from model.predictor import TorchPredictor
 from model.preprocessing import Preprocessing
 from model.simple_cnn import SimpleCNN
+from model.torch_predictor import TorchPredictor
 from model.transforms import TrainAugment, build_eval_transform, build_normalize
 from tests.test_training import FAST, _check_run, run_train
 from training import prepare_fashion_mnist

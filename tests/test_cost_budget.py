@@ -26,14 +26,14 @@ from torchvision.transforms import v2
 from app import create_app
 from bench.worst_case import gif_frames, progressive_jpeg_scans, tiff_pages
 from model.images import MAX_JPEG_SCANS, ImageDecodeError, count_jpeg_scans, decode_image
-from model.preprocessing import Preprocessing
-from model.transforms import (
+from model.pixels import (
     STRIP_PIXELS,
     LimitAspectRatio,
     ToModelMode,
     resized_size,
     to_model_mode,
 )
+from model.preprocessing import Preprocessing
 from serving.config import ConfigError
 from tests.support import ROOT
 from tests.support.images import image_bytes

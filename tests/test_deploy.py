@@ -156,6 +156,31 @@ def test_requirements_keep_every_pin_in_one_place():
     assert sorted(smoke.pinned_versions()) == ["torch", "torchvision"]
 
 
+def test_the_gpu_build_swaps_onnxruntime_for_its_gpu_build_and_nothing_else():
+    """What ``--build-arg GPU=1`` installs, from the Dockerfile's own grep run on the real requirements-serve.txt:
+    every pin but onnxruntime, plus ONNXRUNTIME_GPU (the image is too large to build here, docs/deployment.md)."""
+    text = (ROOT / "Dockerfile").read_text()
+    args = {name: value.strip('"') for name, value in re.findall(r"^ARG (\w+)=(.*)$", text, re.M)}
+    assert args["GPU"] == "" and args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"  # CPU by default
+    pattern = re.search(r"grep -v '([^']+)' requirements-serve\.txt > /tmp/requirements-gpu\.txt", text)
+    assert pattern, "the GPU branch's grep is not where this test reads it"
+    kept = subprocess.run(["grep", "-v", pattern[1], "requirements-serve.txt"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout  # fmt: skip
+
+    def pins(requirements: str) -> dict[str, str]:
+        return dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", requirements, re.M))
+
+    serve = pins((ROOT / "requirements-serve.txt").read_text())
+    assert pins(kept) == {name: v for name, v in serve.items() if name != "onnxruntime"}
+    name, version = args["ONNXRUNTIME_GPU"].split("==")
+    assert name == "onnxruntime-gpu[cuda,cudnn]"
+    # the GPU build is published apart and may lag: at most one minor release from the one the tests run
+    (major, minor), (cpu_major, cpu_minor) = (
+        tuple(map(int, v.split(".")[:2])) for v in (version, serve["onnxruntime"])
+    )
+    assert major == cpu_major and abs(minor - cpu_minor) <= 1, (version, serve["onnxruntime"])
+
+
 # --- .dockerignore ------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -16,10 +17,11 @@ from model.bundle import BundleError, load_bundle, make_bundle, save_bundle
 from model.default import ensure_default_model
 from model.export import get_args_parser, load_batch, load_torchscript, main, sample_photos
 from model.export_metadata import parse_metadata
+from model.normalization import NormalizedInput
 from model.onnx_runner import OnnxPredictor, read_onnx_metadata
+from model.pixels import prepare
 from model.preprocessing import Preprocessing
 from model.registry import build_model
-from model.transforms import build_eval_transform
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTOS = sample_photos()
@@ -47,10 +49,12 @@ def onnx_export(default_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
     )
 
 
-def torch_probs(torch_default, batch: torch.Tensor) -> torch.Tensor:
+def torch_probs(torch_default, batch: np.ndarray) -> np.ndarray:
+    """The bundle's network in torch, behind the same normalisation, on a uint8 batch."""
     bundle, model = torch_default
     with torch.inference_mode():
-        return torch.softmax(model(batch) / bundle.temperature, dim=1)
+        logits = NormalizedInput(model, bundle.preprocessing).eval()(torch.from_numpy(batch))
+        return torch.softmax(logits / bundle.temperature, dim=1).numpy()
 
 
 def test_sample_photos_are_real() -> None:
@@ -63,9 +67,9 @@ def test_onnx_fp32_parity_on_real_photos(onnx_export: dict, torch_default) -> No
     runner = OnnxPredictor(onnx_export["fp32"]["file"], device="cpu", num_threads=1)
     batch = load_batch(PHOTOS, bundle.preprocessing)
     reference = torch_probs(torch_default, batch)
-    assert (runner.infer(batch) - reference).abs().max() < 1e-4
+    assert np.abs(runner.infer(batch) - reference).max() < 1e-4
     # the batch axis is dynamic: one image alone gives the same answer as inside the batch of five
-    assert (runner.infer(batch[2:3]) - reference[2:3]).abs().max() < 1e-4
+    assert np.abs(runner.infer(batch[2:3]) - reference[2:3]).max() < 1e-4
     top = runner.predict([_open(photo("chelsea.png"))], top_k=3)[0]
     assert top[0]["label"] in ("Egyptian cat", "tabby", "tiger cat")
 
@@ -92,10 +96,11 @@ def test_onnx_file_is_one_checked_file_with_metadata(onnx_export: dict, torch_de
     assert json.loads(raw["class_names"]) == list(bundle.class_names)
     assert json.loads(raw["preprocessing"]) == bundle.preprocessing.to_dict()
     assert json.loads(raw["arch"]) == {"name": bundle.arch, "kwargs": bundle.arch_kwargs}
-    # a reader builds the very same eval transform from the file alone
+    # a reader prepares the very same pixels from the file alone, and knows the input is those pixels
     img = _open(photo("coffee.png"))
-    from_file = build_eval_transform(meta.preprocessing)(img)
-    assert torch.equal(from_file, build_eval_transform(bundle.preprocessing)(img))
+    assert np.array_equal(prepare(img, meta.preprocessing), prepare(img, bundle.preprocessing))
+    assert json.loads(raw["input"]) == {"dtype": "uint8", "layout": "NCHW", "normalization": "in-graph"}
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
 
 
 def test_onnx_without_metadata_is_refused(onnx_export: dict, tmp_path: Path) -> None:
@@ -113,7 +118,7 @@ def test_int8_dynamic_keeps_top1_on_chelsea_and_coffee(onnx_export: dict, torch_
     int8 = OnnxPredictor(onnx_export["int8"]["file"], device="cpu")
     fp32 = OnnxPredictor(onnx_export["fp32"]["file"], device="cpu")
     batch = load_batch([photo("chelsea.png"), photo("coffee.png")], bundle.preprocessing)
-    assert torch.equal(int8.infer(batch).argmax(1), fp32.infer(batch).argmax(1))
+    assert np.array_equal(int8.infer(batch).argmax(1), fp32.infer(batch).argmax(1))
     assert Path(onnx_export["int8"]["file"]).stat().st_size < Path(onnx_export["fp32"]["file"]).stat().st_size / 2
     assert int8.class_names == list(bundle.class_names)
 
@@ -137,7 +142,8 @@ def test_torchscript_parity_and_metadata(default_bundle: Path, torch_default, tm
     assert meta.class_names == bundle.class_names and meta.preprocessing == bundle.preprocessing
     batch = load_batch(PHOTOS[:3], bundle.preprocessing)
     with torch.inference_mode():
-        assert (torch.softmax(module(batch), 1) - torch_probs(torch_default, batch)).abs().max() < 1e-4
+        probs = torch.softmax(module(torch.from_numpy(batch)), 1).numpy()
+    assert np.abs(probs - torch_probs(torch_default, batch)).max() < 1e-4
 
 
 def test_static_int8_with_calibration_and_eval_folder(tmp_path: Path) -> None:
@@ -163,7 +169,7 @@ def test_static_int8_with_calibration_and_eval_folder(tmp_path: Path) -> None:
     assert ev["delta"] == pytest.approx(ev["int8"] - ev["fp32"])
     fp32 = OnnxPredictor(out, device="cpu")
     batch = load_batch([photo("chelsea.png"), photo("coffee.png"), photo("china.jpg")], prep)
-    assert ev["fp32"] == pytest.approx(float((fp32.infer(batch).argmax(1) == torch.arange(3)).float().mean()))
+    assert ev["fp32"] == pytest.approx(float((fp32.infer(batch).argmax(1) == np.arange(3)).mean()))
     proto = onnx.load(q["file"])
     assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
 

@@ -11,8 +11,9 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from model.images import ImageDecodeError, decode_image
+from model.pixels import to_model_mode
 from model.preprocessing import Preprocessing
-from model.transforms import TrainAugment, build_eval_transform, build_train_transform, to_model_mode
+from model.transforms import TrainAugment, build_eval_transform, build_train_transform
 
 PREP = Preprocessing(resize=36, crop=32, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], interpolation="bilinear",
                      channels=3)  # fmt: skip
@@ -126,12 +127,12 @@ def _steps(transform, kind):
     return [t for t in transform.transforms if isinstance(t, kind)]
 
 
-def test_vertical_flip_turns_the_eval_input_upside_down(photos) -> None:
+def test_vertical_flip_turns_the_input_upside_down(photos) -> None:
     img = Image.open(photos["chelsea"])
     flipped = build_train_transform(PREP, TrainAugment(crop="center", hflip=0, vflip=1.0))(img)
-    assert torch.equal(flipped, build_eval_transform(PREP)(img).flip(-2))
     never = build_train_transform(PREP, TrainAugment(crop="center", hflip=0, vflip=0))
-    assert not _steps(never, v2.RandomVerticalFlip) and torch.equal(never(img), build_eval_transform(PREP)(img))
+    assert not _steps(never, v2.RandomVerticalFlip)
+    assert torch.equal(flipped, never(img).flip(-2)) and not torch.equal(flipped, never(img))
 
 
 def test_rotation_turns_each_image_by_its_own_angle_about_the_centre(photos) -> None:
@@ -139,7 +140,7 @@ def test_rotation_turns_each_image_by_its_own_angle_about_the_centre(photos) -> 
     transform = build_train_transform(PREP, TrainAugment(crop="center", hflip=0, rotation=30))
     (rotation,) = _steps(transform, v2.RandomRotation)
     assert rotation.degrees == [-30.0, 30.0] and rotation.interpolation == v2.InterpolationMode.BILINEAR
-    plain = build_eval_transform(PREP)(img)
+    plain = build_train_transform(PREP, TrainAugment(crop="center", hflip=0))(img)  # the same, unaugmented
     torch.manual_seed(0)
     turned = [transform(img) for _ in range(8)]
     fill = (0 - 0.5) / 0.25  # the black a rotation uncovers in the corners, normalised
@@ -159,7 +160,7 @@ def test_hue_shifts_colours_and_keeps_brightness(photos) -> None:
     transform = build_train_transform(PREP, TrainAugment(crop="center", hflip=0, hue=0.5))
     (jitter,) = _steps(transform, v2.ColorJitter)
     assert jitter.hue == (-0.5, 0.5) and jitter.brightness is None and jitter.saturation is None
-    plain = build_eval_transform(PREP)(img)
+    plain = build_train_transform(PREP, TrainAugment(crop="center", hflip=0))(img)  # the same, unaugmented
     torch.manual_seed(0)
     shifted = transform(img)
     assert (shifted - plain).abs().mean() > 0.1, "the colours did not move"

@@ -16,13 +16,17 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image, ImageOps
+from werkzeug.formparser import MultiPartParser
+from werkzeug.http import parse_options_header
 
 from app import create_app
 from serving.launcher import GunicornServer
 from tests.support.bundles import tiny_bundle
-from tests.support.photos import CAT_LABELS
+from tests.support.photos import CAT_LABELS, top_label
 from tests.support.service import closing_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,11 +199,30 @@ class Watched:
             self.predict_requests += 1
 
 
+# Chromium hands the DevTools protocol no body for a request whose FormData holds files (they are
+# streamed from blobs): for the tests that read what was uploaded, fetch gets the exact multipart bytes
+# Chromium's own FormData encoder makes, as an ArrayBuffer, which the protocol does carry.
+READABLE_UPLOADS = """
+const originalFetch = window.fetch;
+window.fetch = async (url, init = {}) => {
+  if (init.body instanceof FormData) {
+    const encoded = new Response(init.body);
+    const headers = new Headers(init.headers);
+    headers.set("Content-Type", encoded.headers.get("Content-Type"));
+    init = { ...init, headers, body: await encoded.arrayBuffer() };
+  }
+  return originalFetch(url, init);
+};
+"""
+
+
 @pytest.fixture
 def make_page(browser, server):
     contexts = []
 
-    def make(*, javascript: bool = True, width: int = 1280, height: int = 900, dark: bool = False) -> Watched:
+    def make(
+        *, javascript: bool = True, width: int = 1280, height: int = 900, dark: bool = False, readable_uploads=False
+    ) -> Watched:
         context = browser.new_context(
             java_script_enabled=javascript,
             viewport={"width": width, "height": height},
@@ -207,6 +230,8 @@ def make_page(browser, server):
             color_scheme="dark" if dark else "light",
         )
         context.set_default_timeout(20_000)
+        if readable_uploads:
+            context.add_init_script(script=READABLE_UPLOADS)
         contexts.append(context)
         watched = Watched(context.new_page(), server.base)
         watched.page.goto(server.url("/"))
@@ -429,4 +454,154 @@ def test_keyboard_order_and_labels(make_page) -> None:
         assert page.get_by_role("combobox", name=label).count() == 1
     assert page.locator("#file").evaluate("el => el.labels.length") >= 1
     assert requests.get(w.base + "/").headers["Content-Security-Policy"].startswith("default-src 'self'")
+    assert_clean(w)
+
+
+# --- large photos are made small in the browser before they travel
+
+
+PHONE_PHOTOS = ("coffee", "china", "flower")  # real photos whose top-1 the default model is clearly sure of
+EXIF_ORIENTATION = 0x0112
+
+
+def phone_photo(source: Path, out: Path, *, megapixels: float = 12, orientation: int | None = None) -> Path:
+    """What a phone sends: a real photo scaled up to about 12 MP, with sensor-like grain, as a 2-5 MB JPEG.
+
+    ``orientation`` 6: stored turned a quarter left, with the EXIF tag that tells a viewer to turn it back.
+    """
+    img = Image.open(source).convert("RGB")
+    scale = (megapixels * 1e6 / (img.width * img.height)) ** 0.5
+    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+    grain = np.random.default_rng(0).normal(0, 4, size=(img.height, img.width, 1))
+    img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + grain, 0, 255).astype(np.uint8))
+    exif = Image.Exif()
+    if orientation == 6:
+        img = img.transpose(Image.Transpose.ROTATE_90)
+        exif[EXIF_ORIENTATION] = 6
+    img.save(out, "JPEG", quality=92, exif=exif)
+    return out
+
+
+@pytest.fixture(scope="module")
+def phone_photos(photos, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("phone-photos")
+    made = {name: phone_photo(photos[name], folder / f"{name}-12mp.jpg") for name in PHONE_PHOTOS}
+    for path in made.values():
+        # larger than the page server's limit (2 MB): before travelling small, these were refused
+        assert MAX_BYTES < path.stat().st_size < 5_000_000, (path, path.stat().st_size)
+    return made
+
+
+@pytest.fixture(scope="module")
+def roomy_client(page_models: Path):
+    """The same models behind the default byte limit (10 MB): the original phone photos posted directly."""
+    with closing_app({"MODEL_DIR": str(page_models)}) as app:
+        yield app.test_client()
+
+
+def uploads_of(page) -> list[tuple[str, bytes]]:
+    """Classify, and return the (file name, bytes) of every file the page sent to /predict."""
+    with page.expect_request(lambda r: r.url.endswith("/predict") and r.method == "POST") as caught:
+        classify(page)
+    request = caught.value
+    body = request.post_data_buffer
+    _, options = parse_options_header(request.headers["content-type"])
+    _, files = MultiPartParser().parse(io.BytesIO(body), options["boundary"].encode(), len(body))
+    return [(f.filename, f.read()) for f in files.getlist("file")]
+
+
+def upload_sides(page) -> dict[str, int]:
+    return page.evaluate("JSON.parse(document.getElementById('classify-form').dataset.uploadSides)")
+
+
+def test_upload_sides_come_from_each_models_preprocessing(make_page) -> None:
+    w = make_page()
+    served = requests.get(w.base + "/models", timeout=10).json()["models"]
+    expected = {m["name"]: max(2 * m["preprocessing"]["crop"], m["preprocessing"]["resize"]) for m in served}
+    assert upload_sides(w.page) == expected
+    assert expected["default"] == 2 * 224  # EfficientNet-Lite0 takes 224 x 224
+    assert w.page.locator("#classify-form").get_attribute("data-upload-side") == str(expected["default"])
+
+
+@pytest.mark.parametrize("name", PHONE_PHOTOS)
+def test_a_phone_photo_travels_small_and_gets_the_same_answer(make_page, phone_photos, roomy_client, name: str) -> None:
+    original = phone_photos[name]
+    size = original.stat().st_size
+    direct = roomy_client.post("/predict", data={"file": (io.BytesIO(original.read_bytes()), original.name)})
+    assert direct.status_code == 200, direct.get_json()
+    w = make_page(readable_uploads=True)
+    page = w.page
+    choose(page, original)
+    [(filename, data)] = uploads_of(page)
+    assert filename == f"{name}-12mp.jpg"
+    assert len(data) < size / 10, (len(data), size)
+    sent = Image.open(io.BytesIO(data))
+    upright = Image.open(original)
+    assert sent.format == "JPEG"
+    assert min(sent.size) == upload_sides(page)["default"]
+    assert abs(sent.width / sent.height - upright.width / upright.height) < 0.01
+    card = cards(page).first
+    assert card.locator("[data-slot=error]").is_hidden()
+    assert labels_of(card)[0] == top_label(direct.get_json())
+    assert_clean(w)
+
+
+def test_small_photos_and_ones_the_browser_cannot_decode_go_unchanged(make_page, photos, tmp_path: Path) -> None:
+    # a TIFF: larger than the cut in pixels and bytes, but Chromium cannot decode it, so the server does
+    tiff = tmp_path / "scan.tif"
+    Image.open(photos["astronaut"]).convert("RGB").resize((600, 480)).save(tiff, compression=None)
+    # a JPEG with more pixels than the cut (short side 500 > 448) in a small file: not worth re-encoding
+    light = tmp_path / "light.jpg"
+    Image.open(photos["astronaut"]).convert("RGB").resize((600, 500)).save(light, quality=85)
+    files = [
+        photos["chelsea"],  # under 300 KB
+        photos["coffee"],  # 466 KB, but its short side (400) is under the default model's 448
+        tiff,
+        light,
+    ]
+    assert tiff.stat().st_size > 300 * 1024 > light.stat().st_size
+    w = make_page(readable_uploads=True)
+    page = w.page
+    choose(page, *files)
+    sent = uploads_of(page)
+    assert sent == [(path.name, path.read_bytes()) for path in files]
+    for card in cards(page).all():
+        assert card.locator("[data-slot=error]").is_hidden()
+    assert labels_of(cards(page).first)[0] in CAT_LABELS
+    assert_clean(w)
+
+
+def test_the_chosen_models_size_is_used(make_page, phone_photos) -> None:
+    w = make_page(readable_uploads=True)
+    page = w.page
+    page.get_by_role("combobox", name="Model").select_option("tiny")
+    choose(page, phone_photos["coffee"])
+    [(_, data)] = uploads_of(page)
+    assert min(Image.open(io.BytesIO(data)).size) == upload_sides(page)["tiny"] == 2 * 32
+    assert set(labels_of(cards(page).first)) <= set(TINY_CLASSES)
+    assert_clean(w)
+
+
+def test_an_exif_rotated_photo_travels_upright(make_page, photos, roomy_client, tmp_path: Path) -> None:
+    """A phone holds the sensor's pixels turned, with an EXIF tag; the small copy must be turned upright."""
+    rotated = phone_photo(photos["coffee"], tmp_path / "sideways.jpg", orientation=6)
+    stored = Image.open(rotated)
+    assert stored.width < stored.height  # portrait pixels ...
+    upright = ImageOps.exif_transpose(stored).convert("RGB")
+    assert upright.width > upright.height  # ... of a landscape photo
+    w = make_page(readable_uploads=True)
+    page = w.page
+    choose(page, rotated)
+    [(_, data)] = uploads_of(page)
+    sent = Image.open(io.BytesIO(data))
+    assert sent.getexif().get(EXIF_ORIENTATION, 1) == 1  # nothing left for the server to turn
+    sent = sent.convert("RGB")
+    assert abs(sent.width / sent.height - upright.width / upright.height) < 0.01
+    # the same picture the right way up, not turned the wrong way
+    expected = np.asarray(upright.resize(sent.size, Image.Resampling.BOX), dtype=np.float32)
+    turned = np.asarray(upright.rotate(180).resize(sent.size, Image.Resampling.BOX), dtype=np.float32)
+    got = np.asarray(sent, dtype=np.float32)
+    assert np.abs(got - expected).mean() < 8 < np.abs(got - turned).mean()
+    direct = roomy_client.post("/predict", data={"file": (io.BytesIO(rotated.read_bytes()), rotated.name)})
+    assert labels_of(cards(page).first)[0] == top_label(direct.get_json())
     assert_clean(w)

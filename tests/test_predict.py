@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from model.images import decode_image
-from model.predictor import TorchPredictor
+from model.torch_predictor import TorchPredictor
 from tests.support import ROOT
 from tests.support.photos import CAT_LABELS
 from training import predict, recipes, train

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from model.bundle import load_bundle, read_bundle
-from model.predictor import TorchPredictor
 from model.preprocessing import Preprocessing
+from model.torch_predictor import TorchPredictor
 from tests.support import ROOT
 from training import compare, evaluate, prune, sparsity, train, tune
 from training.calibration import expected_calibration_error, fit_temperature

@@ -348,7 +348,7 @@ def test_settings_from_the_environment(tiny_dir, photos, monkeypatch) -> None:
 @pytest.mark.parametrize(
     "config,message",
     [
-        ({"BATCH_MAX_SIZE": 0}, "BATCH_MAX_SIZE"),
+        ({"BATCH_MAX_SIZE": -1}, "BATCH_MAX_SIZE"),
         ({"TOP_K_DEFAULT": 5, "TOP_K_MAX": 2}, "TOP_K_DEFAULT"),
         ({"DEVICE": "tpu"}, "DEVICE"),
         ({"MAX_FILES": "many"}, "MAX_FILES"),
@@ -386,6 +386,6 @@ def test_read_only_folder_without_default_fails_with_guidance(tmp_path, monkeypa
     def read_only(path):
         raise OSError(30, "Read-only file system", str(path))
 
-    monkeypatch.setattr("serving.registry.ensure_default_model", read_only)
+    monkeypatch.setattr("serving.prepare.ensure_default_model", read_only)
     with pytest.raises(ModelLoadError, match="has no default.pth and it cannot be built there.*FLASK_DEFAULT_MODEL"):
         create_app({"MODEL_DIR": str(tmp_path)})

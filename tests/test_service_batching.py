@@ -6,11 +6,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
 
 from app import create_app
-from model.predictor import Predictor, TorchPredictor
+from model.predictor import Predictor
+from model.torch_predictor import TorchPredictor
 from serving.batching import Batcher, BatcherClosed
 from tests.support.bundles import tiny_bundle
 from tests.support.service import metric_samples
@@ -34,6 +35,14 @@ class Recorder:
     def __call__(self, size: int, seconds: float) -> None:
         with self.lock:
             self.sizes.append(size)
+
+
+RNG = np.random.default_rng(0)
+
+
+def pixels(*shape: int) -> np.ndarray:
+    """A random uint8 batch, as request threads submit them."""
+    return RNG.integers(0, 256, shape, dtype=np.uint8)
 
 
 def test_concurrent_requests_batched_and_equal_to_sequential(tmp_path: Path, default_bundle: Path, photos) -> None:
@@ -67,26 +76,26 @@ def test_concurrent_requests_batched_and_equal_to_sequential(tmp_path: Path, def
 def test_batches_never_exceed_max_size(tiny: Predictor) -> None:
     sizes = Recorder()
     batcher = Batcher(tiny.infer, max_size=4, max_delay_ms=200, name="tiny", on_batch=sizes)
-    inputs = [torch.randn(1, *tiny.input_shape) for _ in range(10)]
+    inputs = [pixels(1, *tiny.input_shape) for _ in range(10)]
     with ThreadPoolExecutor(10) as pool:
         outputs = list(pool.map(batcher.submit, inputs))
     batcher.close()
     assert sum(sizes.sizes) == 10 and max(sizes.sizes) <= 4 and max(sizes.sizes) > 1
     for x, y in zip(inputs, outputs, strict=True):
-        torch.testing.assert_close(y, tiny.infer(x), atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(y, tiny.infer(x), atol=1e-5, rtol=1e-4)
 
 
 def test_multi_image_requests_stay_together(tiny: Predictor) -> None:
     sizes = Recorder()
     batcher = Batcher(tiny.infer, max_size=4, max_delay_ms=100, name="tiny", on_batch=sizes)
-    big = torch.randn(6, *tiny.input_shape)  # more than max_size: runs alone, in one pass
-    small = torch.randn(3, *tiny.input_shape)
+    big = pixels(6, *tiny.input_shape)  # more than max_size: runs alone, in one pass
+    small = pixels(3, *tiny.input_shape)
     with ThreadPoolExecutor(2) as pool:
         out_big, out_small = pool.map(batcher.submit, [big, small])
     batcher.close()
     assert out_big.shape[0] == 6 and out_small.shape[0] == 3
     assert sorted(sizes.sizes) == [3, 6]
-    torch.testing.assert_close(out_small, tiny.infer(small), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(out_small, tiny.infer(small), atol=1e-5, rtol=1e-4)
 
 
 def test_batching_off_runs_one_at_a_time(tiny: Predictor) -> None:
@@ -94,7 +103,7 @@ def test_batching_off_runs_one_at_a_time(tiny: Predictor) -> None:
     running, most = [0], [0]
     guard = threading.Lock()
 
-    def infer(batch: torch.Tensor) -> torch.Tensor:
+    def infer(batch: np.ndarray) -> np.ndarray:
         with guard:
             running[0] += 1
             most[0] = max(most[0], running[0])
@@ -106,19 +115,19 @@ def test_batching_off_runs_one_at_a_time(tiny: Predictor) -> None:
 
     batcher = Batcher(infer, max_size=1, name="tiny", on_batch=sizes)
     with ThreadPoolExecutor(6) as pool:
-        list(pool.map(batcher.submit, [torch.randn(1, *tiny.input_shape) for _ in range(12)]))
+        list(pool.map(batcher.submit, [pixels(1, *tiny.input_shape) for _ in range(12)]))
     assert sizes.sizes == [1] * 12 and most[0] == 1
 
 
 def test_an_inference_error_reaches_every_waiting_request(tiny: Predictor) -> None:
     batcher = Batcher(tiny.infer, max_size=8, max_delay_ms=200, name="tiny")
-    wrong = torch.randn(1, 5, 32, 32)  # five channels: the model's own RuntimeError
+    wrong = pixels(1, 5, 32, 32)  # five channels: the model's own RuntimeError
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(batcher.submit, wrong), pool.submit(batcher.submit, wrong)]
         for f in futures:
             with pytest.raises(RuntimeError):
                 f.result()
-    ok = batcher.submit(torch.randn(1, *tiny.input_shape))  # the batcher lives on
+    ok = batcher.submit(pixels(1, *tiny.input_shape))  # the batcher lives on
     assert ok.shape == (1, 4)
     batcher.close()
 
@@ -130,7 +139,7 @@ def test_closed_batcher_refuses_work(tiny: Predictor) -> None:
     batcher.close()
     assert not batcher.alive
     with pytest.raises(BatcherClosed):
-        batcher.submit(torch.randn(1, *tiny.input_shape))
+        batcher.submit(pixels(1, *tiny.input_shape))
 
 
 def test_malloc_keeps_freed_memory_on_glibc() -> None:

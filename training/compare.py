@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from model.bundle import read_bundle
-from model.predictor import TorchPredictor
+from model.torch_predictor import TorchPredictor
 from training.config import TrainConfig, splits_for
 from training.data import Splits
 from training.recipes import recipe_and_flags
@@ -65,7 +65,7 @@ def pretrained_for(arch: str, choice: str) -> str:
 
 def cpu_images_per_second(bundle_path: Path, batch: int, seconds: float, threads: int | None) -> float:
     predictor = TorchPredictor.from_file(bundle_path, device="cpu", num_threads=threads)
-    x = torch.randn(batch, *predictor.input_shape)
+    x = np.random.default_rng(0).integers(0, 256, (batch, *predictor.input_shape), dtype=np.uint8)
     predictor.infer(x)
     done, started = 0, time.perf_counter()
     while done < 3 * batch or time.perf_counter() - started < seconds:

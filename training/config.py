@@ -4,8 +4,8 @@
 (``from_options``: tune and compare build theirs in code), and never changes afterwards. What the flags
 leave open is settled here, in one place: the architecture and weights ``--init-from`` brings, the
 pretrained default, the preprocessing (from the weights, the data, the bundle or the resumed run), the
-learning rate and weight decay, workers and threads, the crop mode and the autocast type. The run
-folder's args.json is ``to_dict()``; bundles record ``options()``.
+learning rate and weight decay, workers and threads, the crop mode, the memory format and the autocast
+type (training.precision). The run folder's args.json is ``to_dict()``; bundles record ``options()``.
 """
 
 from __future__ import annotations
@@ -21,15 +21,20 @@ from typing import Any
 import torch
 
 from model.bundle import plain, read_bundle
-from model.predictor import available_cpus, resolve_device
+from model.predictor import available_cpus
 from model.preprocessing import Preprocessing
 from model.registry import pretrained_preprocessing
+from model.torch_predictor import resolve_device
 from model.transforms import TrainAugment
 from training import flags
 from training.checkpoint import read_resume
 from training.data import Splits, find_splits, image_statistics
+from training.precision import autocast_dtype
 
 logger = logging.getLogger(__name__)
+
+# architectures whose compute is attention, not convolutions: channels_last does nothing for them
+TRANSFORMER_PREFIXES = ("vit_", "swin_")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +247,7 @@ def input_options(o: Mapping[str, Any], prep: Preprocessing) -> dict[str, Any]:
 
 
 def machine_options(o: Mapping[str, Any], world: int) -> dict[str, Any]:
-    """Device, processes, threads, workers and autocast type on this machine."""
+    """Device, processes, threads, workers, memory format and autocast type on this machine."""
     device = resolve_device(o["device"]).type
     if o["batch_aug"]:
         workers = 0  # indexing a tensor needs no worker; evaluating cached images needs none either
@@ -253,6 +258,7 @@ def machine_options(o: Mapping[str, Any], world: int) -> dict[str, Any]:
         "world_size": world,
         "threads": o["threads"] or max(1, available_cpus() // world),
         "workers": workers,
+        "channels_last": o["channels_last"] if o["channels_last"] is not None else default_channels_last(o, device),
         "amp_dtype": _dtype_name(autocast_dtype(o["amp"], torch.device(device))),
     }
 
@@ -279,15 +285,10 @@ def default_workers(world: int) -> int:
     return max(0, min(8, available_cpus() // world - 1))
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """float16 on CUDA unless off; bfloat16 on CPU only when asked, since only some CPUs run it natively."""
-    if amp == "off" or (device.type != "cuda" and amp == "auto"):
-        return None
-    if device.type == "cuda":
-        return torch.float16
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        logger.warning("--amp on: this CPU has no native bfloat16, so training will be slower, not faster")
-    return torch.bfloat16
+def default_channels_last(o: Mapping[str, Any], device: str) -> bool:
+    """On CUDA, convolutions in channels_last run on the tensor cores without transposes (NVIDIA's
+    recommendation for mixed precision); transformers gain nothing. On CPU, measure first (bench.train_step)."""
+    return device == "cuda" and not o["arch"].startswith(TRANSFORMER_PREFIXES)
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:

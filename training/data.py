@@ -196,7 +196,7 @@ def image_statistics(samples: Sequence[Sample], channels: int, limit: int = 1000
     """Look at a sample of images: grey or colour, typical size, per-channel mean/std (0..1)."""
     import numpy as np
 
-    from model.transforms import to_model_mode
+    from model.pixels import to_model_mode
 
     rng = random.Random(seed)  # noqa: S311 - sampling, not security
     picked = rng.sample(list(samples), min(limit, len(samples)))

@@ -1,10 +1,12 @@
 """One training process among ``world``: rank, device, threads, determinism and seeding (torchrun sets RANK/WORLD_SIZE).
 
-A single process is a world of one; only rank 0 writes files. Gloo on the CPU, NCCL on GPUs.
+A single process is a world of one; only rank 0 writes files. Gloo on the CPU, NCCL on GPUs
+(``process_group_backend``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -13,9 +15,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.predictor import resolve_device
+from model.torch_predictor import resolve_device
 from training.config import TrainConfig
 from training.engine import EpochResult
+
+logger = logging.getLogger("training.train")
 
 
 @dataclass(frozen=True)
@@ -63,14 +67,23 @@ def start_session(config: TrainConfig) -> Session:
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = process_group_backend(device)
+        dist.init_process_group(backend)
+        logger.info("process %d of %d on %s, process group backend %s", rank, world, device, backend)
     torch.set_num_threads(config.threads)
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # training batches keep one shape: let cuDNN pick its fastest kernels
     seed_everything(config.seed)
     return Session(rank, world, device)
+
+
+def process_group_backend(device: torch.device) -> str:
+    """NCCL between GPUs (collectives on the device itself); gloo between CPU processes (NCCL has no CPU path)."""
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def seed_everything(seed: int) -> None:

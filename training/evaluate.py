@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from model.bundle import Bundle, load_bundle, save_bundle
-from model.predictor import configure_threads, resolve_device
+from model.torch_predictor import configure_threads, resolve_device
 from model.transforms import build_eval_transform
 from training.calibration import ECE_BINS, calibration_report, fit_temperature
 from training.data import VAL_NAMES, ImageListDataset, Sample, Splits, find_splits, scan_any

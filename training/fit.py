@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
-from torch.utils.data import DistributedSampler
 
 from training.builders import Loaders, Optimisation
 from training.checkpoint import CheckpointWriter, Progress
@@ -88,7 +87,7 @@ def run_epoch(
 ) -> tuple[dict[str, Any], EpochResult, EpochResult]:
     """One epoch of training and validation; its history entry."""
     loader, optimisation = parts.loaders.train, parts.optimisation
-    if isinstance(loader.sampler, DistributedSampler):
+    if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler, bare or in a SeededSampler
         loader.sampler.set_epoch(epoch)
     progress_bars = session.is_main and not config.quiet and sys.stderr.isatty()
     started = time.perf_counter()

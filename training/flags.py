@@ -16,6 +16,7 @@ from typing import Any
 
 from model.registry import PRETRAINED_CHOICES, list_architectures
 from model.transforms import AUTO_AUGMENTS, CROP_MODES
+from training.precision import AMP_CHOICES
 
 SWITCH = argparse.BooleanOptionalAction
 
@@ -46,7 +47,10 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         help="1 grey, 3 colour, 0 auto (grey data with a from-scratch model gets 1)",
     )
     g.add_argument(
-        "--workers", type=int, default=None, help="DataLoader worker processes (default: CPUs - 1, at most 8)"
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes (default: usable CPUs per process - 1, at most 8)",
     )
     g.add_argument("--cache", action=SWITCH, default=False, help="decode every image once and keep it in memory")
     g.add_argument(
@@ -134,9 +138,10 @@ def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--amp",
         default="auto",
-        choices=("auto", "on", "off"),
-        help="mixed precision: float16 on CUDA; 'on' also trains in bfloat16 on CPU, faster on CPUs"
-        " with AVX-512 BF16 or AMX (python -m bench.train_step measures it; auto: CUDA only)",
+        choices=AMP_CHOICES,
+        help="mixed precision (autocast): auto picks bfloat16 where the device has it natively (GPUs from"
+        " Ampere; CPUs with AVX-512 BF16, AMX or Arm BF16), else float16 with a GradScaler on CUDA and float32"
+        " on CPU; fp16, bf16 and off as named; on: float16 on CUDA, bfloat16 on CPU",
     )
     g.add_argument("--patience", type=int, default=0, help="early stopping after N epochs without improvement (0: off)")
 
@@ -178,7 +183,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads per process (default: usable CPUs / processes)"
     )
-    g.add_argument("--channels-last", action=SWITCH, default=False, help="channels_last memory format")
+    g.add_argument(
+        "--channels-last",
+        action=SWITCH,
+        default=None,
+        help="channels_last memory format (default: on for convolutional networks on CUDA, off on CPU)",
+    )
     g.add_argument(
         "--stop-after",
         type=int,

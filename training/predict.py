@@ -35,7 +35,8 @@ from tqdm import tqdm
 from model.bundle import BundleError
 from model.files import atomic_write
 from model.images import IMAGE_SUFFIXES, ImageDecodeError, decode_image
-from model.predictor import Predictor, TorchPredictor
+from model.predictor import Predictor
+from model.torch_predictor import TorchPredictor
 from training.data import is_image
 
 logger = logging.getLogger("training.predict")

@@ -17,6 +17,7 @@ from training.config import TrainConfig
 from training.data import Splits
 from training.engine import EpochResult
 from training.plots import plot_curves
+from training.precision import amp_choice
 
 logger = logging.getLogger("training.train")
 
@@ -47,6 +48,16 @@ class RunLog:
             device,
             c.threads,
             "batches augmented on the device" if c.batch_aug else f"{c.workers} workers",
+        )
+        amp = amp_choice(c.amp, device)
+        logger.log(
+            logging.INFO if amp.native else logging.WARNING,
+            "precision %s (%s%s), %s memory format%s",
+            c.amp_dtype or "float32",
+            amp.reason,
+            "" if amp.native else "; training will be slower, not faster",
+            "channels_last" if c.channels_last else "contiguous",
+            ", pinned host memory" if device.type == "cuda" else "",
         )
 
     def epoch(self, entry: dict[str, Any], train: EpochResult, val: EpochResult) -> None:

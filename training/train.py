@@ -78,7 +78,10 @@ def run_training(
     checkpoints = build_checkpoint_writer(config, splits)
     run_log = RunLog(config, splits, enabled=session.is_main)
     run_log.start(session.device)
-    done = fit(config, session, parts, progress, checkpoints, run_log, epoch_callback)
+    try:
+        done = fit(config, session, parts, progress, checkpoints, run_log, epoch_callback)
+    finally:
+        loaders.close()
     result: dict[str, Any] = {
         "history": done.progress.history,
         "best_val_top1": done.progress.best,
