@@ -74,6 +74,9 @@ class TrainAugment:
     auto_augment: str = "none"
     color_jitter: float = 0.0
     random_erasing: float = 0.0
+    rotation: float = 0.0  # degrees: a random angle in [-rotation, rotation]
+    vflip: float = 0.0
+    hue: float = 0.0  # colour images only: a hue shift in [-hue, hue] of the colour circle (at most 0.5)
 
     def resolved_crop(self, prep: Preprocessing) -> str:
         if self.crop != "auto":
@@ -86,6 +89,8 @@ def build_train_transform(prep: Preprocessing, aug: TrainAugment) -> v2.Compose:
         raise ValueError(f"crop must be one of {CROP_MODES}")
     if aug.auto_augment not in AUTO_AUGMENTS:
         raise ValueError(f"auto_augment must be one of {AUTO_AUGMENTS}")
+    if aug.hue > 0 and prep.channels != 3:
+        raise ValueError(f"--hue needs colour input (3 channels); this model takes {prep.channels}")
     interp = _interpolation(prep.interpolation)
     steps: list[Callable[..., Any]] = [ToModelMode(prep.channels)]
     crop = aug.resolved_crop(prep)
@@ -97,15 +102,19 @@ def build_train_transform(prep: Preprocessing, aug: TrainAugment) -> v2.Compose:
             steps.append(v2.RandomCrop(prep.crop, padding=aug.pad, padding_mode="reflect"))
     if aug.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(aug.hflip))
+    if aug.vflip > 0:
+        steps.append(v2.RandomVerticalFlip(aug.vflip))
+    if aug.rotation > 0:  # after the crop: it turns a crop-sized image, not the whole photo (corners fill black)
+        steps.append(v2.RandomRotation(aug.rotation, interpolation=interp))
     if aug.auto_augment == "trivialaugment":
         steps.append(v2.TrivialAugmentWide(interpolation=interp))
     elif aug.auto_augment == "randaugment":
         steps.append(v2.RandAugment(interpolation=interp))
     elif aug.auto_augment == "autoaugment":
         steps.append(v2.AutoAugment(interpolation=interp))
-    if aug.color_jitter > 0:
-        j = aug.color_jitter
-        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j if prep.channels == 3 else 0))
+    if aug.color_jitter > 0 or aug.hue > 0:
+        j, colour = aug.color_jitter, prep.channels == 3
+        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j if colour else 0, hue=aug.hue))
     steps += _normalize_tail(prep)
     if aug.random_erasing > 0:
         steps.append(v2.RandomErasing(p=aug.random_erasing))

@@ -72,6 +72,17 @@ def test_pad_crop_and_flip_are_drawn_per_image(cached) -> None:
     assert {flip for _, _, flip in drawn} == {False, True}, "flips are not drawn per image"
 
 
+def test_vertical_flips_are_drawn_per_image(cached) -> None:
+    dataset, _ = cached
+    torch.manual_seed(0)
+    images = dataset.images[:32]
+    out = BatchAugment(PREP, TrainAugment(pad=0, hflip=0, vflip=0.5))(images)
+    plain = build_normalize(PREP)(images)
+    flipped = [torch.equal(out[i], plain[i].flip(-2)) for i in range(len(images))]
+    assert all(f or torch.equal(out[i], plain[i]) for i, f in enumerate(flipped)), "not the image or its flip"
+    assert 0 < sum(flipped) < len(images), "vertical flips are not drawn per image"
+
+
 def test_random_erasing_blanks_one_rectangle_per_image(cached) -> None:
     dataset, _ = cached
     torch.manual_seed(0)
@@ -96,6 +107,9 @@ def test_what_batch_aug_cannot_do_is_refused(fashion_subset: Path, tmp_path: Pat
     assert batch_augment_problem(PREP, TrainAugment()) is None
     assert "random-resized" in batch_augment_problem(PREP, TrainAugment(crop="random-resized"))
     assert "--auto-augment" in batch_augment_problem(PREP, TrainAugment(auto_augment="trivialaugment"))
+    assert "--rotation" in batch_augment_problem(PREP, TrainAugment(rotation=10))
+    assert "--hue" in batch_augment_problem(PREP, TrainAugment(hue=0.1))
+    assert batch_augment_problem(PREP, TrainAugment(vflip=0.5)) is None
     big = dataclasses.replace(PREP, resize=128, crop=112)
     assert batch_augment_problem(big, TrainAugment()) is not None  # large images get RandomResizedCrop
     with pytest.raises(SystemExit, match="--batch-aug"):

@@ -8,6 +8,7 @@ import io
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from model.images import ImageDecodeError, decode_image
 from model.pixels import to_model_mode
@@ -120,6 +121,54 @@ def test_train_transform_shapes(photos, policy: str) -> None:
     aug = TrainAugment(auto_augment=policy, color_jitter=0.2, random_erasing=0.5)
     t = build_train_transform(PREP, aug)
     assert t(Image.open(photos["flower"])).shape == (3, 32, 32)
+
+
+def _steps(transform, kind):
+    return [t for t in transform.transforms if isinstance(t, kind)]
+
+
+def test_vertical_flip_turns_the_input_upside_down(photos) -> None:
+    img = Image.open(photos["chelsea"])
+    flipped = build_train_transform(PREP, TrainAugment(crop="center", hflip=0, vflip=1.0))(img)
+    never = build_train_transform(PREP, TrainAugment(crop="center", hflip=0, vflip=0))
+    assert not _steps(never, v2.RandomVerticalFlip)
+    assert torch.equal(flipped, never(img).flip(-2)) and not torch.equal(flipped, never(img))
+
+
+def test_rotation_turns_each_image_by_its_own_angle_about_the_centre(photos) -> None:
+    img = Image.open(photos["coffee"])
+    transform = build_train_transform(PREP, TrainAugment(crop="center", hflip=0, rotation=30))
+    (rotation,) = _steps(transform, v2.RandomRotation)
+    assert rotation.degrees == [-30.0, 30.0] and rotation.interpolation == v2.InterpolationMode.BILINEAR
+    plain = build_train_transform(PREP, TrainAugment(crop="center", hflip=0))(img)  # the same, unaugmented
+    torch.manual_seed(0)
+    turned = [transform(img) for _ in range(8)]
+    fill = (0 - 0.5) / 0.25  # the black a rotation uncovers in the corners, normalised
+    uncovered = 0
+    for out in turned:
+        assert out.shape == plain.shape and not torch.equal(out, plain)
+        uncovered += any((out[:, y, x] == fill).all() for y in (0, -1) for x in (0, -1))
+        centre = (out - plain)[:, 14:18, 14:18].abs().mean()
+        assert centre < (out - plain).abs().mean(), "the centre moved more than the rest: not about the centre"
+    assert uncovered >= 6, "angles beyond a few degrees uncover a corner"
+    assert len({out.sum().item() for out in turned}) == 8, "the angle is not drawn per image"
+
+
+def test_hue_shifts_colours_and_keeps_brightness(photos) -> None:
+    """A hue shift turns the colour circle: each pixel's brightest channel (HSV value) stays, the colours move."""
+    img = Image.open(photos["astronaut"])
+    transform = build_train_transform(PREP, TrainAugment(crop="center", hflip=0, hue=0.5))
+    (jitter,) = _steps(transform, v2.ColorJitter)
+    assert jitter.hue == (-0.5, 0.5) and jitter.brightness is None and jitter.saturation is None
+    plain = build_train_transform(PREP, TrainAugment(crop="center", hflip=0))(img)  # the same, unaugmented
+    torch.manual_seed(0)
+    shifted = transform(img)
+    assert (shifted - plain).abs().mean() > 0.1, "the colours did not move"
+    value_step = 2 / 255 / 0.25  # HSV round trip in 8 bits
+    assert (shifted.max(0).values - plain.max(0).values).abs().max() <= value_step + 1e-6
+    grey = dataclasses.replace(PREP, channels=1, mean=[0.5], std=[0.25])
+    with pytest.raises(ValueError, match="--hue needs colour input"):
+        build_train_transform(grey, TrainAugment(hue=0.1))
 
 
 def test_small_images_use_padded_random_crop() -> None:

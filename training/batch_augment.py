@@ -3,7 +3,7 @@
 With few CPU cores, the per-image torchvision pipeline in a DataLoader worker competes with the
 training threads (`python -m bench.train_input` compares the three pipelines on one machine). Small
 images (the pad-crop regime) are decoded once, through the bundle's eval geometry, into one uint8
-tensor; each batch then gets pad-crop, flip, normalisation and random erasing with per-image random
+tensor; each batch then gets pad-crop, flips, normalisation and random erasing with per-image random
 parameters from kornia, in a few milliseconds, on the CPU or the GPU that trains.
 """
 
@@ -30,8 +30,11 @@ def batch_augment_problem(prep: Preprocessing, aug: TrainAugment) -> str | None:
     crop = aug.resolved_crop(prep)
     if crop not in ("pad", "center"):
         return f"it needs the pad or center crop (small images), not {crop!r}"
-    if aug.auto_augment != "none" or aug.color_jitter > 0:
-        return "it does pad-crop, flip and random erasing only (no --auto-augment, no --color-jitter)"
+    if aug.auto_augment != "none" or aug.color_jitter > 0 or aug.hue > 0 or aug.rotation > 0:
+        return (
+            "it does pad-crop, flips and random erasing only "
+            "(no --auto-augment, --color-jitter, --hue or --rotation: train without --batch-aug for those)"
+        )
     return None
 
 
@@ -74,6 +77,8 @@ class BatchAugment(nn.Module):
             steps.append(K.RandomCrop(size, padding=aug.pad, padding_mode="reflect"))
         if aug.hflip > 0:
             steps.append(K.RandomHorizontalFlip(p=aug.hflip))
+        if aug.vflip > 0:
+            steps.append(K.RandomVerticalFlip(p=aug.vflip))
         steps.append(normalize)
         if aug.random_erasing > 0:
             steps.append(K.RandomErasing(p=aug.random_erasing))

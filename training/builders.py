@@ -23,7 +23,7 @@ from model.transforms import build_eval_transform, build_train_transform
 from training.batch_augment import BatchAugment, TensorImageDataset
 from training.checkpoint import CheckpointWriter
 from training.config import TrainConfig
-from training.data import ImageListDataset, Splits, balanced_weights
+from training.data import ImageListDataset, Splits, balanced_weights, class_loss_weights
 from training.distill import BatchTransform, DistillationLoss, Teacher
 from training.distributed import Session
 from training.precision import grad_scaler
@@ -92,7 +92,11 @@ def build_loaders(config: TrainConfig, splits: Splits, session: Session) -> Load
             raise SystemExit(str(exc)) from None
         train_set: Dataset = TensorImageDataset(splits.train, prep)
     else:
-        train_set = ImageListDataset(splits.train, build_train_transform(prep, config.augment), cache=config.cache)
+        try:
+            transform = build_train_transform(prep, config.augment)
+        except ValueError as exc:  # an augmentation this input cannot take (--hue on grey images, say)
+            raise SystemExit(f"augmentation: {exc}") from None
+        train_set = ImageListDataset(splits.train, transform, cache=config.cache)
     val_set = ImageListDataset(
         splits.val or splits.train, build_eval_transform(prep), cache=config.cache or config.batch_aug
     )
@@ -235,9 +239,17 @@ def build_teacher(config: TrainConfig, class_names: list[str], device: torch.dev
                              amp_dtype=config.autocast, channels_last=config.channels_last)  # fmt: skip
 
 
-def build_criterion(config: TrainConfig, teacher: Teacher | None) -> nn.Module:
-    """Cross-entropy with label smoothing; with a teacher, mixed with its soft labels."""
-    criterion: nn.Module = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+def build_criterion(config: TrainConfig, teacher: Teacher | None, splits: Splits) -> nn.Module:
+    """Cross-entropy with label smoothing, class-weighted from the training split's counts with
+    --class-weights auto; with a teacher, mixed with its soft labels. Built on the CPU: ``.to(device)`` it."""
+    weight = None
+    if config.class_weights == "auto":
+        weight = class_loss_weights(splits.train, len(splits.class_names))
+        shown = {name: round(float(w), 3) for name, w in zip(splits.class_names, weight, strict=True)}
+        logger.info("class weights of the loss: %s", shown)
+        if config.balance:
+            logger.warning("--class-weights auto with --balance corrects the imbalance twice; use one of them")
+    criterion: nn.Module = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
     if teacher is None:
         return criterion
     return DistillationLoss(criterion, alpha=config.distill_alpha, temperature=config.distill_temperature)

@@ -52,6 +52,7 @@ class TrainConfig:
     cache: bool
     batch_aug: bool
     balance: bool
+    class_weights: str
     # model
     arch: str
     arch_kwargs: dict[str, Any]
@@ -90,6 +91,9 @@ class TrainConfig:
     auto_augment: str
     color_jitter: float
     random_erasing: float
+    rotation: float
+    vflip: float
+    hue: float
     # run
     config: str | None
     out: str
@@ -164,6 +168,9 @@ class TrainConfig:
             auto_augment=self.auto_augment,
             color_jitter=self.color_jitter,
             random_erasing=self.random_erasing,
+            rotation=self.rotation,
+            vflip=self.vflip,
+            hue=self.hue,
         )
 
 

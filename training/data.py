@@ -183,6 +183,15 @@ def balanced_weights(samples: Sequence[Sample], num_classes: int) -> torch.Tenso
     return torch.tensor([1.0 / counts[label] for _, label in samples], dtype=torch.double)
 
 
+def class_loss_weights(samples: Sequence[Sample], num_classes: int) -> torch.Tensor:
+    """Per-class loss weights inversely proportional to the class's share of ``samples``, scaled so that an
+    average training sample weighs 1 (total / (classes x count): scikit-learn's "balanced"), which keeps
+    the learning rate meaning what it meant. A class with no sample gets 0 (it never is a target)."""
+    counts = class_counts(samples, num_classes)
+    total = sum(counts)
+    return torch.tensor([total / (num_classes * c) if c else 0.0 for c in counts], dtype=torch.float32)
+
+
 def image_statistics(samples: Sequence[Sample], channels: int, limit: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Look at a sample of images: grey or colour, typical size, per-channel mean/std (0..1)."""
     import numpy as np

@@ -64,6 +64,13 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--balance", action=SWITCH, default=False, help="sample classes equally often (WeightedRandomSampler)"
     )
+    g.add_argument(
+        "--class-weights",
+        default="none",
+        choices=("none", "auto"),
+        help="auto: weight the loss of each class by its inverse frequency in the training split"
+        " (imbalanced data; an alternative to --balance)",
+    )
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -150,8 +157,13 @@ def add_augmentation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-scale", type=float, default=0.25, help="smallest area fraction of random-resized crops")
     g.add_argument("--pad", type=int, default=2, help="padding of the pad crop")
     g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
+    g.add_argument("--vflip", type=float, default=0.0, help="vertical flip probability")
+    g.add_argument(
+        "--rotation", type=float, default=0.0, metavar="DEG", help="random rotation by up to +/- DEG degrees (0: off)"
+    )
     g.add_argument("--auto-augment", default="none", choices=AUTO_AUGMENTS, help="policy")
     g.add_argument("--color-jitter", type=float, default=0.0, help="brightness/contrast/saturation jitter")
+    g.add_argument("--hue", type=float, default=0.0, help="hue jitter, at most 0.5 (colour input only; 0: off)")
     g.add_argument("--random-erasing", type=float, default=0.0, help="RandomErasing probability")
 
 

@@ -70,7 +70,7 @@ def run_training(
         loop_model=loop_model,
         loaders=loaders,
         optimisation=optimisation,
-        criterion=build_criterion(config, teacher),
+        criterion=build_criterion(config, teacher, splits).to(session.device),
         batch_transform=build_batch_transform(config, len(splits.class_names), loaders.batch_augment, teacher),
         num_classes=len(splits.class_names),
     )
