@@ -8,7 +8,7 @@ The choices, and why:
   workers serve from (serving/manifest.py). A bad model folder stops the start there, with one message.
   So neither the master nor an ONNX worker ever imports torch. SIGHUP prepares again (new models).
 - One worker process per CPU this server may use (its affinity and its container's CPU quota, model/cpus.py;
-  at most 16, serving/sizing.py),
+  at most 32, serving/sizing.py),
   each running the model on one thread (FLASK_TORCH_THREADS = CPUs // workers): decoding a photo costs
   about as much CPU as the model, and processes side by side keep every core busy where threads of one
   process would queue on its GIL. On a GPU host, a few workers share the card (one per 4 CPUs, at most

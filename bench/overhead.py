@@ -16,8 +16,12 @@ import argparse
 import io
 import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ from model.registry import build_model
 from serving.launcher import GunicornServer, worker_pids
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")  # requirements-dev.txt
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -38,6 +43,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=2000, help="requests measured (default: %(default)s)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default: %(default)s)")
     p.add_argument("--json", default=None, help="results file (default: bench/results/overhead-<time>.json)")
+    p.add_argument(
+        "--profile",
+        type=float,
+        default=0.0,
+        help="also sample the worker with py-spy for this many seconds under the same load (default: off)",
+    )
     return p
 
 
@@ -59,6 +70,29 @@ def cpu_seconds(pids: set[int]) -> float:
     return total / CLOCK_TICKS
 
 
+def py_spy_profile(port: int, bodies: list[Any], args: argparse.Namespace, workers: set[int]) -> dict[str, Any]:
+    """Where the worker's active threads are, by function (inclusive share of samples), under load."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.txt"
+        spy = subprocess.Popen(  # noqa: S603 - py-spy from this venv on our own worker
+            [PY_SPY, "record", "--format", "raw", "--nonblocking", "--rate", "250",
+             "-d", str(max(1, round(args.profile))), "-p", str(next(iter(workers))), "-o", str(raw)],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        drive(port, bodies, args.clients, int(args.profile * 600))
+        spy.wait(timeout=args.profile + 30)
+        lines = raw.read_text().splitlines() if raw.exists() else []
+    total, inclusive = 0, Counter()
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        frames = {frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0] for frame in stack.split(";")}
+        total += int(count)
+        for frame in frames:
+            inclusive[frame] += int(count)
+    top = [{"function": f, "share": round(n / total, 3)} for f, n in inclusive.most_common(40)] if total else []
+    return {"samples": total, "top": top}
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     png = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 30, 30)).save(png, "PNG")
@@ -77,6 +111,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             load = drive(server.port, bodies, args.clients, args.requests)
             wall = time.perf_counter() - started
             cpu = cpu_seconds(workers) - before
+            profile = py_spy_profile(server.port, bodies, args, workers) if args.profile else None
     ok = len(load["latencies"])
     per_request_ms = 1000 * cpu / max(1, ok)
     result = {
@@ -87,9 +122,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "req_per_s": round(ok / wall, 1),
         "worker_cpu_ms_per_request": round(per_request_ms, 3),
         "one_process_ceiling_req_per_s": round(1000 / per_request_ms, 1),
+        "profile": profile,
     }
     path = write_results("overhead", result, args.json)
-    print(json.dumps(result, indent=1))  # noqa: T201
+    print(json.dumps({k: v for k, v in result.items() if k != "profile"}, indent=1))  # noqa: T201
+    for row in (profile or {}).get("top", [])[:40]:
+        print(f"{row['share']:6.1%}  {row['function']}")  # noqa: T201
     print(  # noqa: T201
         f"| worker CPU per request (trivial model, 8x8 PNG) | {result['worker_cpu_ms_per_request']} ms |\n"
         f"| one process at most (1 / that) | {result['one_process_ceiling_req_per_s']} req/s |\n"

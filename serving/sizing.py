@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MAX_CPU_WORKERS = 16
+MAX_CPU_WORKERS = 32
 MAX_GPU_WORKERS = 4
 # per GPU worker: host cores it decodes on
 CPUS_PER_GPU_WORKER = 4
