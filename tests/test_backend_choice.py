@@ -70,7 +70,9 @@ def test_probe_backend_asks_torch_and_onnxruntime(monkeypatch) -> None:
         probe_backend("auto", "cuda")
 
 
-@pytest.mark.parametrize(("cpus", "workers", "threads"), [(1, 1, 1), (2, 2, 1), (4, 4, 1), (16, 16, 1), (32, 32, 1), (64, 32, 2)])
+@pytest.mark.parametrize(
+    ("cpus", "workers", "threads"), [(1, 1, 1), (2, 2, 1), (4, 4, 1), (16, 16, 1), (32, 32, 1), (64, 32, 2)]
+)
 def test_one_worker_per_cpu_up_to_thirty_two(cpus: int, workers: int, threads: int) -> None:
     sizing = cpu_sizing(cpus)
     assert (sizing.workers, sizing.model_threads) == (workers, threads)
