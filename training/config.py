@@ -185,7 +185,11 @@ def model_source(o: Mapping[str, Any]) -> dict[str, Any]:
     kwargs = json.loads(o["arch_kwargs"]) if isinstance(o["arch_kwargs"], str) else dict(o["arch_kwargs"])
     if not isinstance(kwargs, dict):
         raise SystemExit("--arch-kwargs must be a JSON object")
-    pretrained = o["pretrained"] or ("none" if o["arch"] == "simple_cnn" else "imagenet")
+    if o["weights_file"] and o["pretrained"] == "imagenet":
+        raise SystemExit("--weights-file replaces the ImageNet weights: drop --pretrained imagenet (or give none)")
+    # a weights file is the starting point: nothing else is fetched (offline for every architecture)
+    implied = "none" if o["arch"] == "simple_cnn" or o["weights_file"] else "imagenet"
+    pretrained = o["pretrained"] or implied
     source = {"arch": o["arch"], "arch_kwargs": kwargs, "pretrained": pretrained, "weights_file": o["weights_file"]}
     if not o["init_from"]:
         return source

@@ -81,9 +81,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--pretrained",
         default=None,
         choices=PRETRAINED_CHOICES,
-        help="start from ImageNet weights (default: imagenet, except none for simple_cnn)",
+        help="start from ImageNet weights (default: imagenet, except none for simple_cnn and with --weights-file)",
     )
-    g.add_argument("--weights-file", default=None, help="start from a local state_dict/bundle file instead")
+    g.add_argument(
+        "--weights-file",
+        default=None,
+        help="start from a local state_dict/bundle file instead of --pretrained weights (nothing is downloaded)",
+    )
     g.add_argument(
         "--freeze-backbone", action=SWITCH, default=False, help="train the new head only (feature extraction)"
     )
