@@ -1,4 +1,5 @@
-"""Fine-tuning done properly, on real data: a local weights file is all a torchvision network needs offline."""
+"""Fine-tuning done properly, on real data: a local weights file is all a torchvision network needs offline, and
+two-phase fine-tuning (--unfreeze-at, --backbone-lr-scale) of a real pretrained EfficientNet-Lite0 on real photos."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import torch
 
 from model.bundle import read_bundle
 from model.registry import build_model
-from tests.test_training import FAST, run_train
+from tests.test_training import FAST, _write_recipe, run_train
+from training import recipes, train
+from training.builders import build_network, build_optimisation
+from training.checkpoint import read_resume
+from training.config import TrainConfig
 
 
 class NetworkUsed(AssertionError):
@@ -68,3 +73,75 @@ def test_weights_file_with_pretrained_imagenet_is_refused(fashion_subset: Path, 
     with pytest.raises(SystemExit, match="--weights-file replaces"):
         run_train("--data", str(fashion_subset), "--out", str(tmp_path / "run"), "--arch", "resnet18",
                   "--pretrained", "imagenet", "--weights-file", str(tmp_path / "w.pth"), *FAST)  # fmt: skip
+
+
+def _group_lrs(optimizer_state: dict) -> list[float]:
+    return [group["lr"] for group in optimizer_state["param_groups"]]
+
+
+def test_two_phase_fine_tuning_of_a_pretrained_network(photo_folder: Path, tmp_path: Path) -> None:
+    """Epoch 1 trains the head of ImageNet EfficientNet-Lite0 alone (weights and BatchNorm statistics of the
+    backbone stay the ImageNet ones), epoch 2 the whole network, the backbone at a tenth of the head's lr.
+    Epoch 2 runs as a resumed run, so unfreezing also works across --resume."""
+    out = tmp_path / "run"
+    common = ["--data", str(photo_folder), "--out", str(out), "--arch", "efficientnet_lite0", "--img-size", "32",
+              "--epochs", "2", "--batch-size", "48", "--opt", "adamw", "--lr", "0.002", "--sched", "none",
+              "--unfreeze-at", "2", "--backbone-lr-scale", "0.1", "--quiet", "--workers", "0",
+              "--seed", "1"]  # fmt: skip
+    run_train(*common, "--stop-after", "1")
+    imagenet = build_model("efficientnet_lite0", num_classes=5, pretrained="imagenet", image_size=32).state_dict()
+    backbone = [key for key in imagenet if not key.startswith("_fc.")]
+    assert len(backbone) > 200
+    phase1 = read_bundle(out / "last.pth").state_dict
+    for key in backbone:
+        assert torch.equal(phase1[key], imagenet[key]), f"{key} changed while the backbone was frozen"
+    run_train(*common, "--resume", str(out / "last.pth"))
+    phase2 = read_bundle(out / "last.pth").state_dict
+    weights = [k for k in backbone if k.endswith(".weight")]
+    moved = [k for k in weights if not torch.equal(phase2[k], phase1[k])]
+    assert len(moved) == len(weights), f"frozen after --unfreeze-at: {sorted(set(weights) - set(moved))[:5]}"
+    assert not torch.equal(phase2["_bn0.running_mean"], phase1["_bn0.running_mean"]), "BatchNorm stats still frozen"
+    assert not torch.equal(phase2["_fc.weight"], phase1["_fc.weight"])
+    head_decay, head_no_decay, backbone_decay, backbone_no_decay = _group_lrs(
+        read_resume(out / "last.pth")["resume"]["optimizer"]
+    )
+    assert head_decay == head_no_decay == 0.002
+    assert backbone_decay == backbone_no_decay == pytest.approx(head_decay * 0.1)
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and history[-1]["lr"] == head_decay
+    saved = json.loads((out / "args.json").read_text())
+    assert (saved["unfreeze_at"], saved["backbone_lr_scale"], saved["freeze_backbone"]) == (2, 0.1, False)
+    assert read_bundle(out / "best.pth").training["args"]["unfreeze_at"] == 2
+
+
+@pytest.mark.parametrize("sched", ["cosine", "step", "plateau"])
+def test_every_schedule_keeps_the_backbone_at_its_scale_of_the_head_lr(
+    fashion_subset: Path, tmp_path: Path, sched: str
+) -> None:
+    config = TrainConfig.from_options({"data": str(fashion_subset), "out": str(tmp_path), "epochs": 4,
+                                       "sched": sched, "step_size": 1, "lr": 0.05, "unfreeze_at": 3,
+                                       "backbone_lr_scale": 0.25})  # fmt: skip
+    model = build_network(config, 10, torch.device("cpu"), None)
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+    optimisation = build_optimisation(config, model, steps_per_epoch=3)
+    optimizer, scheduler = optimisation.optimizer, optimisation.scheduler
+    seen = []
+    for _ in range(6):
+        optimizer.step()
+        scheduler.step(0.5) if sched == "plateau" else scheduler.step()
+        head_lr, _, backbone_lr, _ = (g["lr"] for g in optimizer.param_groups)
+        assert backbone_lr == pytest.approx(head_lr * 0.25)
+        seen.append(head_lr)
+    assert len(set(seen)) > 1, f"{sched} never changed the lr: the test would not see a group left behind"
+
+
+def test_fine_tuning_options_are_checked_and_recipes_may_set_them(fashion_subset: Path, tmp_path: Path) -> None:
+    for bad, message in ((["--unfreeze-at", "1"], "from 2 to --epochs"), (["--unfreeze-at", "3"], "from 2 to"),
+                         (["--backbone-lr-scale", "0"], "must be above 0")):  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            run_train("--data", str(fashion_subset), "--out", str(tmp_path / "bad"), *FAST, "--epochs", "2", *bad)
+    recipe = _write_recipe(tmp_path / "ft.toml", "unfreeze_at = 3\nbackbone_lr_scale = 0.1\n")
+    args = recipes.parse_args(train.get_args_parser(), ["--config", str(recipe), "--data", "d", "--out", "o"])
+    assert (args.unfreeze_at, args.backbone_lr_scale) == (3, 0.1)
+    with pytest.raises(ValueError, match="'unfreeze_at'"):
+        recipes.load_recipe(_write_recipe(tmp_path / "typo.toml", "unfreeze = 3\n"))

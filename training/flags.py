@@ -92,6 +92,20 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--freeze-backbone", action=SWITCH, default=False, help="train the new head only (feature extraction)"
     )
     g.add_argument(
+        "--unfreeze-at",
+        type=int,
+        default=None,
+        metavar="EPOCH",
+        help="two-phase fine-tuning: train the head with the backbone frozen, then the whole network from"
+        " epoch EPOCH (1-based) on",
+    )
+    g.add_argument(
+        "--backbone-lr-scale",
+        type=float,
+        default=1.0,
+        help="the backbone's learning rate is lr x this (the head keeps lr); e.g. 0.1 for fine-tuning",
+    )
+    g.add_argument(
         "--init-from",
         default=None,
         help="start from a bundle: its architecture, arguments, preprocessing and weights (e.g. a pruned bundle)",
