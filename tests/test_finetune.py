@@ -7,13 +7,14 @@ import json
 import socket
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 
 from model.bundle import read_bundle
 from model.registry import build_model
 from tests.test_training import FAST, _write_recipe, run_train
-from training import recipes, train
+from training import recipes, train, tune
 from training.builders import build_network, build_optimisation
 from training.checkpoint import read_resume
 from training.config import TrainConfig
@@ -145,3 +146,40 @@ def test_fine_tuning_options_are_checked_and_recipes_may_set_them(fashion_subset
     assert (args.unfreeze_at, args.backbone_lr_scale) == (3, 0.1)
     with pytest.raises(ValueError, match="'unfreeze_at'"):
         recipes.load_recipe(_write_recipe(tmp_path / "typo.toml", "unfreeze = 3\n"))
+
+
+def _tune_lr_range(data: Path, out: Path, *train_flags: str) -> tuple[float, float, float, float]:
+    """The lr and wd distributions a trial of training.tune draws from, given the flags after ``--``."""
+    args = tune.get_args_parser().parse_args(["--data", str(data), "--out", str(out), "--", *train_flags])
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    trial = study.ask()
+    tune.suggest(trial, tune.search_space(tune.trial_options(args)))
+    lr, wd = trial.distributions["lr"], trial.distributions["wd"]
+    assert lr.log and wd.log
+    assert lr.low <= trial.params["lr"] <= lr.high
+    return lr.low, lr.high, wd.low, wd.high
+
+
+def test_tune_searches_learning_rates_for_the_optimizer_and_the_starting_weights(
+    fashion_subset: Path, tmp_path: Path
+) -> None:
+    weights = tmp_path / "w.pth"
+    torch.save(build_model("resnet18", num_classes=10).state_dict(), weights)
+    ranges = {
+        case: _tune_lr_range(fashion_subset, tmp_path / "tune", *argv)
+        for case, argv in {
+            "sgd scratch": [],
+            "sgd pretrained": ["--arch", "efficientnet_lite0"],
+            "adamw scratch": ["--opt", "adamw"],
+            "adamw pretrained": ["--arch", "efficientnet_lite0", "--opt", "adamw"],
+            "adamw weights file": ["--arch", "resnet18", "--weights-file", str(weights), "--opt", "adamw"],
+        }.items()
+    }
+    assert ranges["sgd scratch"] == (0.01, 0.4, 1e-5, 5e-3)  # unchanged: what the recipes were tuned with
+    assert ranges["adamw pretrained"][:2] == (1e-5, 1e-3)
+    assert ranges["adamw weights file"] == ranges["adamw pretrained"], "a weights file is a pretrained start"
+    assert len(set(ranges.values())) == 4
+    for opt in ("sgd", "adamw"):
+        scratch, pretrained = ranges[f"{opt} scratch"], ranges[f"{opt} pretrained"]
+        assert pretrained[1] < scratch[1] and pretrained[0] < scratch[0], f"{opt}: fine-tuning needs smaller steps"
+    assert ranges["adamw scratch"][2:] == (1e-3, 0.1)  # decoupled weight decay around AdamW's default 0.05
