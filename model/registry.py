@@ -90,7 +90,11 @@ def build_model(
     in_channels: int = 3,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build ``name`` with a ``num_classes`` head, starting from the requested weights."""
+    """Build ``name`` with a ``num_classes`` head, starting from the requested weights.
+
+    A ``weights_file`` replaces every weight but the head, so ``pretrained`` weights are not fetched under it
+    (for torchvision's, that would be a download: a weights file is how to work offline).
+    """
     if pretrained not in PRETRAINED_CHOICES:
         raise ValueError(f"pretrained must be one of {PRETRAINED_CHOICES}, not {pretrained!r}")
     if num_classes < 1:
@@ -104,6 +108,9 @@ def build_model(
         return model
     if in_channels != 3:
         raise ValueError(f"{name} takes 3-channel input; use channels=3 (grey images are converted)")
+    if weights_file and pretrained != "none":
+        logger.info("%s: the weights file %s replaces the %s weights", name, weights_file, pretrained)
+        pretrained = "none"
     if name in _LITE:
         model = _build_lite(name, pretrained == "imagenet", **kwargs)
     elif name in torchvision_architectures():

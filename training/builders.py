@@ -46,18 +46,18 @@ def build_network(config: TrainConfig, num_classes: int, device: torch.device, r
         in_channels=config.preprocessing.channels,
         **config.arch_kwargs,
     )
-    if config.freeze_backbone:
-        freeze_backbone(model)
+    set_backbone_trainable(model, not config.backbone_frozen(0))
     if resume is not None:
         model.load_state_dict(resume["state_dict"])
     model.to(device)
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
 
-def freeze_backbone(model: nn.Module) -> None:
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze or unfreeze every parameter but the head's (registry.find_head tells them apart)."""
     head = find_head(model)
     for name, p in model.named_parameters():
-        p.requires_grad = name.startswith(head + ".")
+        p.requires_grad = trainable or name.startswith(head + ".")
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -198,15 +198,31 @@ def build_optimisation(config: TrainConfig, model: nn.Module, steps_per_epoch: i
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW; weight decay on weights, not on biases and norms."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    """SGD (Nesterov) or AdamW; weight decay on weights, not on biases and norms.
+
+    With --unfreeze-at or --backbone-lr-scale, the head's groups come first (history's lr is theirs) and the
+    backbone's follow at lr x scale. The backbone is in the optimizer from the start even while frozen: its
+    parameters have no gradient then, which SGD and AdamW skip, and the groups stay the same across the
+    unfreeze epoch and --resume. The schedulers scale every group's lr by the same factor.
+    """
+    if config.splits_backbone:
+        head = find_head(model) + "."
+        parts = [(n.startswith(head), p) for n, p in model.named_parameters()]
+        groups = [
+            *_decay_groups([p for is_head, p in parts if is_head], config.wd, config.lr),
+            *_decay_groups([p for is_head, p in parts if not is_head], config.wd, config.lr * config.backbone_lr_scale),
+        ]
+    else:
+        groups = _decay_groups([p for p in model.parameters() if p.requires_grad], config.wd, config.lr)
     if config.opt == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _decay_groups(params: list[nn.Parameter], wd: float, lr: float) -> list[dict[str, Any]]:
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": wd, "lr": lr}, {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
 
 
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> tuple[Any, bool]:

@@ -59,6 +59,8 @@ class TrainConfig:
     pretrained: str
     weights_file: str | None
     freeze_backbone: bool
+    unfreeze_at: int | None
+    backbone_lr_scale: float
     init_from: str | None
     keep_zeros: bool
     distill_from: str | None
@@ -126,6 +128,7 @@ class TrainConfig:
         for required in ("data", "out"):
             if not o[required]:
                 raise SystemExit(f"training options: {required} is required")
+        check_fine_tuning(o)
         o.update(model_source(o))
         splits = splits or splits_for(o)
         prep = resolve_preprocessing(o, splits)
@@ -143,7 +146,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         """A config saved by ``to_dict`` (args.json), as it was."""
-        values = {f.name: d[f.name] for f in dataclasses.fields(cls)}
+        # args.json written before an option existed holds its default (the behaviour the run had)
+        known = {**flags.defaults(), **d}
+        values = {f.name: known[f.name] for f in dataclasses.fields(cls)}
         return cls(**{**values, "preprocessing": Preprocessing.from_dict(values["preprocessing"])})
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,6 +158,18 @@ class TrainConfig:
         """The flags' values as this run resolved them (bundles keep these as their training record)."""
         names = flags.defaults()
         return {name: value for name, value in self.to_dict().items() if name in names}
+
+    def backbone_frozen(self, epoch: int) -> bool:
+        """Whether the backbone trains in ``epoch`` (0-based): frozen before --unfreeze-at, or throughout
+        with --freeze-backbone alone."""
+        if self.unfreeze_at is not None:
+            return epoch + 1 < self.unfreeze_at
+        return self.freeze_backbone
+
+    @property
+    def splits_backbone(self) -> bool:
+        """The optimizer keeps the backbone's parameters in groups of their own (their own lr, frozen at first)."""
+        return self.unfreeze_at is not None or self.backbone_lr_scale != 1.0
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -180,12 +197,27 @@ def splits_for(options: Mapping[str, Any]) -> Splits:
     return find_splits(o["data"], val_split=o["val_split"], test_split=o["test_split"], seed=o["seed"])
 
 
+def check_fine_tuning(o: Mapping[str, Any]) -> None:
+    """--unfreeze-at needs a frozen phase and a trained one within the run; the lr scale must be a scale."""
+    if o["unfreeze_at"] is not None and not 2 <= o["unfreeze_at"] <= o["epochs"]:
+        raise SystemExit(
+            f"--unfreeze-at {o['unfreeze_at']}: must be an epoch from 2 to --epochs ({o['epochs']}), so that"
+            " the head trains alone first and the whole network after"
+        )
+    if o["backbone_lr_scale"] <= 0:
+        raise SystemExit(f"--backbone-lr-scale {o['backbone_lr_scale']}: must be above 0 (1: the head's lr)")
+
+
 def model_source(o: Mapping[str, Any]) -> dict[str, Any]:
     """Architecture, its arguments and the starting weights; ``--init-from`` takes them from a bundle."""
     kwargs = json.loads(o["arch_kwargs"]) if isinstance(o["arch_kwargs"], str) else dict(o["arch_kwargs"])
     if not isinstance(kwargs, dict):
         raise SystemExit("--arch-kwargs must be a JSON object")
-    pretrained = o["pretrained"] or ("none" if o["arch"] == "simple_cnn" else "imagenet")
+    if o["weights_file"] and o["pretrained"] == "imagenet":
+        raise SystemExit("--weights-file replaces the ImageNet weights: drop --pretrained imagenet (or give none)")
+    # a weights file is the starting point: nothing else is fetched (offline for every architecture)
+    implied = "none" if o["arch"] == "simple_cnn" or o["weights_file"] else "imagenet"
+    pretrained = o["pretrained"] or implied
     source = {"arch": o["arch"], "arch_kwargs": kwargs, "pretrained": pretrained, "weights_file": o["weights_file"]}
     if not o["init_from"]:
         return source

@@ -6,6 +6,7 @@ what the uninterrupted run would have done.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -14,13 +15,15 @@ from typing import Any
 
 from torch import nn
 
-from training.builders import Loaders, Optimisation
+from training.builders import Loaders, Optimisation, set_backbone_trainable
 from training.checkpoint import CheckpointWriter, Progress
 from training.config import TrainConfig
 from training.distill import BatchTransform
 from training.distributed import Session, seed_everything
 from training.engine import EpochResult, evaluate, train_one_epoch
 from training.records import RunLog
+
+logger = logging.getLogger("training.train")
 
 EpochCallback = Callable[[dict[str, Any]], bool]
 
@@ -65,6 +68,7 @@ def fit(
     stopped_by_callback = False
     for epochs_run, epoch in enumerate(range(progress.epoch, config.epochs), start=1):
         seed_everything(config.seed * 1000 + epoch)
+        set_backbone_phase(config, session, parts, epoch)
         entry, train, val = run_epoch(config, session, parts, eval_model, epoch)
         improved = progress.add(entry, val.top1)
         stop = bool(config.patience and progress.stale_epochs >= config.patience)
@@ -80,6 +84,20 @@ def fit(
         if stop:
             break
     return FitResult(progress, stopped_by_callback)
+
+
+def set_backbone_phase(config: TrainConfig, session: Session, parts: TrainingParts, epoch: int) -> None:
+    """--unfreeze-at: the backbone trains from that epoch on (also when a resumed run starts after it).
+
+    DistributedDataParallel reduces the gradients of the parameters that required one when it was built:
+    the network is wrapped again when that set changes."""
+    trainable = not config.backbone_frozen(epoch)
+    if all(p.requires_grad for p in parts.model.parameters()) == trainable:
+        return
+    set_backbone_trainable(parts.model, trainable)
+    parts.loop_model = session.wrap(parts.model)
+    if trainable and session.is_main:
+        logger.info("epoch %d: the backbone trains from now on", epoch + 1)
 
 
 def run_epoch(
@@ -106,7 +124,7 @@ def run_epoch(
         channels_last=config.channels_last,
         progress=progress_bars,
         description=f"epoch {epoch + 1}/{config.epochs}",
-        freeze_norm=config.freeze_backbone,
+        freeze_norm=config.backbone_frozen(epoch),
     )
     train = session.average(train)
     val, _ = evaluate(eval_model, parts.loaders.val, session.device, num_classes=parts.num_classes,

@@ -81,11 +81,29 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--pretrained",
         default=None,
         choices=PRETRAINED_CHOICES,
-        help="start from ImageNet weights (default: imagenet, except none for simple_cnn)",
+        help="start from ImageNet weights (default: imagenet, except none for simple_cnn and with --weights-file)",
     )
-    g.add_argument("--weights-file", default=None, help="start from a local state_dict/bundle file instead")
+    g.add_argument(
+        "--weights-file",
+        default=None,
+        help="start from a local state_dict/bundle file instead of --pretrained weights (nothing is downloaded)",
+    )
     g.add_argument(
         "--freeze-backbone", action=SWITCH, default=False, help="train the new head only (feature extraction)"
+    )
+    g.add_argument(
+        "--unfreeze-at",
+        type=int,
+        default=None,
+        metavar="EPOCH",
+        help="two-phase fine-tuning: train the head with the backbone frozen, then the whole network from"
+        " epoch EPOCH (1-based) on",
+    )
+    g.add_argument(
+        "--backbone-lr-scale",
+        type=float,
+        default=1.0,
+        help="the backbone's learning rate is lr x this (the head keeps lr); e.g. 0.1 for fine-tuning",
     )
     g.add_argument(
         "--init-from",

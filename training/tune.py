@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import shlex
@@ -30,7 +31,8 @@ from typing import Any
 
 import optuna
 
-from training.config import TrainConfig, splits_for
+from training import flags
+from training.config import TrainConfig, model_source, splits_for
 from training.data import Splits
 from training.recipes import DEFAULT_RECIPE, load_recipe, recipe_and_flags
 from training.train import run_training
@@ -53,11 +55,46 @@ SEARCHED = (  # the names suggest() draws
 )
 
 
-def suggest(trial: optuna.Trial) -> dict[str, Any]:
+# Learning-rate ranges by (optimizer, fine-tuning?): fine-tuning pretrained weights wants one to two orders of
+# magnitude less than training from scratch (large steps wreck the features it starts from), and AdamW's
+# normalised steps want less than SGD's. Weight decay by optimizer: AdamW's is decoupled (0.05 by default).
+LR_RANGES = {
+    ("sgd", False): (0.01, 0.4),
+    ("sgd", True): (1e-4, 0.05),
+    ("adamw", False): (1e-4, 1e-2),
+    ("adamw", True): (1e-5, 1e-3),
+}
+WD_RANGES = {"sgd": (1e-5, 5e-3), "adamw": (1e-3, 0.1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """The ranges that depend on the run: the optimizer, and whether it starts from pretrained weights."""
+
+    opt: str
+    fine_tuning: bool
+
+    @property
+    def lr(self) -> tuple[float, float]:
+        return LR_RANGES[self.opt, self.fine_tuning]
+
+    @property
+    def wd(self) -> tuple[float, float]:
+        return WD_RANGES[self.opt]
+
+
+def search_space(base: dict[str, Any]) -> SearchSpace:
+    """The space for the trials' shared options: pretrained weights, a weights file or --init-from is fine-tuning."""
+    options = {**flags.defaults(), **base}
+    source = model_source(options)
+    return SearchSpace(opt=options["opt"], fine_tuning=source["pretrained"] != "none" or bool(source["weights_file"]))
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
     """The search space, as training options (with the recipe's optimizer and schedule: SGD, cosine by default)."""
     return {
-        "lr": trial.suggest_float("lr", 0.01, 0.4, log=True),
-        "wd": trial.suggest_float("wd", 1e-5, 5e-3, log=True),
+        "lr": trial.suggest_float("lr", *space.lr, log=True),
+        "wd": trial.suggest_float("wd", *space.wd, log=True),
         "batch_size": trial.suggest_categorical("batch_size", BATCH_SIZES),
         "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.2),
         "auto_augment": trial.suggest_categorical("auto_augment", AUGMENTATIONS),
@@ -130,8 +167,12 @@ def starting_point(base: dict[str, Any], splits: Splits, out: str) -> dict[str, 
 
 
 def objective(args: argparse.Namespace, base: dict[str, Any], splits: Splits):
+    space = search_space(base)
+    logger.info("search space: lr %s, wd %s (%s, %s)", space.lr, space.wd, space.opt,
+                "fine-tuning" if space.fine_tuning else "from scratch")  # fmt: skip
+
     def run(trial: optuna.Trial) -> float:
-        params = suggest(trial)
+        params = suggest(trial, space)
         out = Path(args.out) / f"trial-{trial.number:04d}"
         trial.set_user_attr("out", str(out))
 
