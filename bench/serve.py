@@ -18,18 +18,21 @@ master and workers), idle after a warm-up and again after the load.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import itertools
 import os
+import signal
 import statistics
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import cpu_info, tree_memory, write_results
+from bench.common import cpu_info, process_tree, tree_memory, write_results
 from bench.limit import measure as measure_limit
 from bench.limit import print_limits
 from bench.workloads import Photo, describe, load_workload, parse_workloads, small_photos
@@ -160,10 +163,28 @@ def summarize(cells: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def paused(servers: list[Any]) -> Iterator[None]:
+    """The other servers' processes stopped (SIGSTOP) while one is measured, then continued: an idle
+    server's timers, heartbeats and polling loops would otherwise take CPU from the one under load,
+    and not the same amount for every server."""
+    pids = [pid for s in servers for pid in process_tree(s.proc.pid)]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 def run_load(
     servers: list[Any], workloads: dict[str, list[Photo]], levels: list[int], rounds: int, requests: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every workload and level, servers interleaved; and each server's memory (PSS of all its
+    """Every workload and level, servers interleaved, each measured with the others paused; and each
+    server's memory (PSS of all its
     processes) idle after a warm-up that sends every photo once, and again after the load.
 
     ``servers``: started servers with ``name``, ``port`` and ``proc`` (the process whose tree they are).
@@ -180,8 +201,9 @@ def run_load(
             for rnd in range(rounds):
                 order = servers if rnd % 2 == 0 else servers[::-1]
                 for s in order:
-                    drive(s.port, b, clients, max(clients, len(b)))  # warm-up, not counted
-                    cell = drive(s.port, b, clients, max(requests, clients))
+                    with paused([o for o in servers if o is not s]):
+                        drive(s.port, b, clients, max(clients, len(b)))  # warm-up, not counted
+                        cell = drive(s.port, b, clients, max(requests, clients))
                     cells[w][s.name][clients].append(cell)
                     rate = len(cell["latencies"]) / cell["wall_s"]
                     n_err = sum(cell["errors"].values())
