@@ -19,8 +19,6 @@ summary. Figures:
 from __future__ import annotations
 
 import argparse
-import http.client
-import itertools
 import json
 import multiprocessing
 import os
@@ -30,10 +28,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -130,55 +126,14 @@ def decode_limit(bundle: Path, items: list[tuple[str, bytes]], seconds: float) -
     return {"cpus": cpus, "photos_per_s": round(sum(counts) / wall, 1), "one_cpu_ms": round(1000 / single, 3)}
 
 
-def _body(name: str, data: bytes) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    kind = "image/png" if name.endswith(".png") else "image/jpeg"
-    head = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-        f"Content-Type: {kind}\r\n\r\n"
-    )
-    return head.encode() + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
 def _client_process(args: tuple[int, list[tuple[str, bytes]], int, int]) -> dict[str, Any]:
-    """One load process: ``threads`` closed-loop clients sending ``total`` requests in all."""
+    """One load process: ``threads`` closed-loop clients (bench/serve.py's) sending ``total`` requests."""
+    from bench.serve import drive as drive_threads
+    from bench.serve import multipart
+
     port, items, threads, total = args
-    bodies = [_body(n, d) for n, d in items]
-    counter, lock = itertools.count(), threading.Lock()
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-
-    def client() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        while True:
-            with lock:
-                i = next(counter)
-            if i >= total:
-                break
-            body, ctype = bodies[i % len(bodies)]
-            t0 = time.perf_counter()
-            try:
-                conn.request("POST", "/predict", body=body, headers={"Content-Type": ctype})
-                resp = conn.getresponse()
-                ok = resp.status == 200 and b'"predictions"' in resp.read()
-                key = None if ok else f"status {resp.status}"
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                key = type(exc).__name__
-            with lock:
-                if key is None:
-                    latencies.append(time.perf_counter() - t0)
-                else:
-                    errors[key] = errors.get(key, 0) + 1
-        conn.close()
-
-    pool = [threading.Thread(target=client) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    return {"latencies": latencies, "errors": errors}
+    bodies = [multipart(n, d, "image/png" if n.endswith(".png") else "image/jpeg") for n, d in items]
+    return drive_threads(port, bodies, threads, total)
 
 
 def drive(port: int, items: list[tuple[str, bytes]], clients: int, total: int) -> dict[str, Any]:
