@@ -35,7 +35,6 @@ The choices, and why:
   files are marked, and the folder is removed when gunicorn exits.
 """
 
-import json
 import logging
 import os
 import shutil
@@ -44,8 +43,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-# what serving/manifest.py's MANIFEST_ENV names: where the workers find the prepared models
-MANIFEST_ENV = "IMGCLF_MANIFEST"
+# the start-up step's folder for the manifest (mkdtemp's prefix): only such a folder is ever removed
+_MANIFEST_FOLDER_PREFIX = "imgclf-manifest-"
 
 
 def _default_bind(environ=os.environ):
@@ -124,9 +123,10 @@ def _prepare_models(server):
     """Run serving.prepare in its own process (torch is loaded there, and gone when it exits) and point
     the workers at the manifest it writes; a model folder that cannot be served stops the start."""
     from model.cpus import available_cpus
+    from serving.manifest import MANIFEST_ENV, read_manifest
     from serving.sizing import gpu_sizing
 
-    folder = Path(tempfile.mkdtemp(prefix="imgclf-manifest-"))  # mode 0700
+    folder = Path(tempfile.mkdtemp(prefix=_MANIFEST_FOLDER_PREFIX))  # mode 0700
     manifest = folder / "models.json"
     command = [sys.executable, "-m", "serving.prepare", "--manifest", str(manifest)]
     done = subprocess.run(command, check=False)  # noqa: S603 - our own module, no outside input
@@ -134,14 +134,17 @@ def _prepare_models(server):
         shutil.rmtree(folder, ignore_errors=True)
         server.log.error("not starting: the settings or the models cannot be served (the reason is above)")
         sys.exit(3)  # gunicorn's own exit status when a worker cannot boot
-    old = os.environ.get(MANIFEST_ENV)
+    _remove_manifest_folder(os.environ.get(MANIFEST_ENV))  # SIGHUP: the previous start's
     os.environ[MANIFEST_ENV] = str(manifest)
-    if old and Path(old).parent.name.startswith("imgclf-manifest-"):
-        shutil.rmtree(Path(old).parent, ignore_errors=True)
-    device = json.loads(manifest.read_text())["device"]
+    device = read_manifest(manifest).device
     if device == "cuda" and not os.environ.get("WEB_CONCURRENCY"):
         server.num_workers = gpu_sizing(available_cpus()).workers
     server.log.info("serving on %s with %d worker(s)", device, server.num_workers)
+
+
+def _remove_manifest_folder(manifest):
+    if manifest and Path(manifest).parent.name.startswith(_MANIFEST_FOLDER_PREFIX):
+        shutil.rmtree(Path(manifest).parent, ignore_errors=True)
 
 
 def post_fork(server, worker):
@@ -181,8 +184,8 @@ def _drain(worker):
 
 
 def on_exit(server):
-    manifest = os.environ.get(MANIFEST_ENV)
-    if manifest and Path(manifest).parent.name.startswith("imgclf-manifest-"):
-        shutil.rmtree(Path(manifest).parent, ignore_errors=True)
+    from serving.manifest import MANIFEST_ENV
+
+    _remove_manifest_folder(os.environ.get(MANIFEST_ENV))
     if os.environ.get(_OWNED_FLAG) == "1":
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

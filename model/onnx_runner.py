@@ -39,15 +39,14 @@ def session_options(num_threads: int | None = None, *, spinning: bool = True) ->
     return opts
 
 
-def read_onnx_metadata(model: str | os.PathLike[str] | bytes) -> dict[str, str]:
+def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """An ONNX file's metadata properties (raw strings), read by ONNX Runtime without optimising the graph.
 
     The one reader of an export's metadata: ``parse_metadata`` turns the result into typed values.
     """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    source = model if isinstance(model, bytes) else str(model)
-    session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     return dict(session.get_modelmeta().custom_metadata_map)
 
 

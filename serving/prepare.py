@@ -27,6 +27,7 @@ from flask import Config
 
 from model.bundle import BundleError, read_bundle
 from model.default import ensure_default_model
+from model.export_metadata import SHA_KEY
 from model.files import file_lock, file_sha256
 from serving.backend_choice import BackendChoice, BackendUnavailable, choose_backend
 from serving.config import ConfigError, load_settings
@@ -77,8 +78,8 @@ def served_file(path: Path, choice: BackendChoice, onnx_dir: str | None) -> Serv
     try:
         if choice.backend == "onnx":
             predictor = onnx_predictor_for_bundle(path, onnx_dir=onnx_dir, device="cpu", num_threads=1, warmup=False)
-            onnx = predictor.path
-            return ServedFile(path.stem, str(path), file_sha256(path), str(onnx), file_sha256(onnx), predictor.training)
+            onnx, bundle_sha = predictor.path, predictor.metadata[SHA_KEY]  # the export matched the bundle's hash
+            return ServedFile(path.stem, str(path), bundle_sha, str(onnx), file_sha256(onnx), predictor.training)
         bundle = read_bundle(path)
         sha = file_sha256(path)
         return ServedFile(path.stem, str(path), sha, str(path), sha, bundle.training)
