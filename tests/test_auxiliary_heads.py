@@ -4,8 +4,7 @@ without them, and started from a local weights file with no network. Real Fashio
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import runpy
 import time
 from pathlib import Path
 
@@ -31,8 +30,8 @@ from model.registry import (
     pretrained_preprocessing,
 )
 from model.torch_predictor import TorchPredictor
-from tests.support import ROOT
 from tests.test_training import run_train
+from training.builders import set_backbone_trainable
 from training.checkpoint import read_resume
 from training.engine import train_one_epoch, training_loss
 
@@ -60,19 +59,20 @@ def real_batch(data: Path, size: int, per_class: int = 1) -> tuple[torch.Tensor,
     for label, name in enumerate(CLASSES):
         for path in sorted((data / name).glob("*.png"))[:per_class]:
             grey = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            images.append(torch.from_numpy(np.asarray(grey)).permute(2, 0, 1).float() / 255)
+            images.append(torch.from_numpy(np.array(grey)).permute(2, 0, 1).float() / 255)
             labels.append(label)
     return (torch.stack(images) - 0.3) / 0.35, torch.tensor(labels)
 
 
-def test_listed_by_the_registry() -> None:
-    listing = subprocess.run([sys.executable, "-m", "model.registry"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.split()  # fmt: skip
+@pytest.mark.filterwarnings("ignore:'model.registry' found in sys.modules:RuntimeWarning")
+def test_listed_by_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    runpy.run_module("model.registry", run_name="__main__")  # python -m model.registry
+    listing = capsys.readouterr().out.split()
     assert {"googlenet", "inception_v3"} <= set(listing)
     assert not [name for name in listing if name.startswith("squeezenet")], "SqueezeNet's head is a convolution"
 
 
-@pytest.mark.parametrize(("name", "size"), [("googlenet", 64), ("inception_v3", 299)])
+@pytest.mark.parametrize(("name", "size"), [("googlenet", 64), ("inception_v3", 80)])
 def test_every_head_gets_the_class_count(name: str, size: int) -> None:
     model = build_model(name, num_classes=4)
     assert find_head(model) == "fc", "the main head, not an auxiliary classifier's last Linear"
@@ -81,10 +81,14 @@ def test_every_head_gets_the_class_count(name: str, size: int) -> None:
     assert [model.get_submodule(c).out_features for c in CLASSIFIERS[name]] == [4] * len(CLASSIFIERS[name])
     x = torch.rand(2, 3, size, size)
     with torch.no_grad():
-        outputs = model.train()(x)
-        assert outputs.logits.shape == (2, 4)
-        assert [a.shape for a in outputs[1:]] == [(2, 4)] * len(AUX[name])
         assert model.eval()(x).shape == (2, 4), "eval mode returns the main logits alone"
+        if name == "googlenet":  # Inception v3's take 299 px: test_inception_v3_trains_its_auxiliary_classifier...
+            outputs = model.train()(x)
+            assert outputs.logits.shape == (2, 4)
+            assert [a.shape for a in outputs[1:]] == [(2, 4)] * len(AUX[name])
+    set_backbone_trainable(model, False)  # --freeze-backbone: the classifiers train, auxiliary ones included
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"fc", *AUX[name]}
     without = build_model(name, num_classes=4, aux_logits=False)
     assert aux_heads(without) == [] and find_head(without) == "fc"
 
@@ -115,10 +119,13 @@ def test_inception_v3_trains_its_auxiliary_classifier_at_299_px(three_classes: P
     model = build_model("inception_v3", num_classes=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images, labels = real_batch(three_classes, 299)
+    with torch.no_grad():
+        outputs = model.train()(images[:2])
+    assert [o.shape for o in outputs] == [(2, 3), (2, 3)], "train mode: InceptionOutputs(logits, aux_logits)"
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    result = train_one_epoch(model, [(images, labels)], optimizer, nn.CrossEntropyLoss(), torch.device("cpu"),
-                             progress=False)  # fmt: skip
-    assert result.samples == 3
+    result = train_one_epoch(model, [(images[:2], labels[:2])], optimizer, nn.CrossEntropyLoss(),
+                             torch.device("cpu"), progress=False)  # fmt: skip
+    assert result.samples == 2
     after = model.state_dict()
     assert not torch.equal(after["AuxLogits.fc.weight"], before["AuxLogits.fc.weight"])
     assert not torch.equal(after["AuxLogits.conv0.conv.weight"], before["AuxLogits.conv0.conv.weight"])
