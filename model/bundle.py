@@ -27,7 +27,7 @@ from model import version as release
 from model.bundle_format import FORMAT_NAME, FORMAT_VERSION, BundleError
 from model.files import atomic_write
 from model.preprocessing import Preprocessing
-from model.registry import build_model, find_head, is_known_architecture
+from model.registry import build_model, find_head, is_known_architecture, serving_arch
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,13 @@ def make_bundle(
     training: Mapping[str, Any] | None = None,
     temperature: float = 1.0,
 ) -> Bundle:
-    """Assemble a Bundle; tensors are detached and moved to the CPU so it loads anywhere."""
+    """Assemble a Bundle; tensors are detached and moved to the CPU so it loads anywhere.
+
+    Auxiliary classifiers (GoogLeNet's, Inception v3's) are training's alone: they are left out of the
+    weights and the arguments say ``aux_logits=False`` (registry.serving_arch), so the served network
+    is built without them.
+    """
+    arch_kwargs, state_dict = serving_arch(str(arch), dict(arch_kwargs or {}), dict(state_dict))
     if not isinstance(preprocessing, Preprocessing):
         try:
             preprocessing = Preprocessing.from_dict(preprocessing)
@@ -150,7 +156,7 @@ def make_bundle(
             raise BundleError(f"bundle: {exc}") from None
     return Bundle(
         arch=str(arch),
-        arch_kwargs=plain(dict(arch_kwargs or {})),
+        arch_kwargs=plain(arch_kwargs),
         class_names=tuple(str(c) for c in class_names),
         preprocessing=preprocessing,
         state_dict={k: v.detach().cpu().clone() for k, v in state_dict.items()},

@@ -12,6 +12,7 @@ from model.bundle import load_bundle
 from model.export import export_onnx
 from tests.support import ROOT
 from tests.support.bundles import tiny_bundle
+from tests.support.network import forbid_network
 from tests.support.photos import photo_paths
 
 CUDA_SKIP_REASON = "needs a CUDA device (none here)"
@@ -94,6 +95,12 @@ def two_class_images(fashion_subset: Path) -> dict[str, list[Path]]:
         )
         picked[name] = files[:40]
     return picked
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The test fails on any use of the network, with torch's weight cache empty (tests.support.network)."""
+    forbid_network(monkeypatch, tmp_path)
 
 
 @pytest.fixture

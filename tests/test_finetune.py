@@ -4,7 +4,6 @@ two-phase fine-tuning (--unfreeze-at, --backbone-lr-scale) of a real pretrained 
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import optuna
@@ -13,29 +12,12 @@ import torch
 
 from model.bundle import read_bundle
 from model.registry import build_model
+from tests.support.network import NetworkUsed
 from tests.test_training import FAST, _write_recipe, run_train
 from training import recipes, train, tune
 from training.builders import build_network, build_optimisation
 from training.checkpoint import read_resume
 from training.config import TrainConfig
-
-
-class NetworkUsed(AssertionError):
-    """Raised by every way out of this machine while a test forbids the network."""
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Any connection or name lookup fails the test, and torch's weight cache is empty (as on a fresh machine):
-    a download attempted would be seen, not served from the cache or hidden by a failed connection."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise NetworkUsed(f"network used: {args[:2]}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
 
 
 def test_the_guard_sees_a_download(no_network: None) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from model.registry import build_model, find_head
+from model.registry import build_model, head_names
 from model.transforms import build_eval_transform, build_train_transform
 from training.batch_augment import BatchAugment, TensorImageDataset
 from training.checkpoint import CheckpointWriter
@@ -47,17 +47,18 @@ def build_network(config: TrainConfig, num_classes: int, device: torch.device, r
         **config.arch_kwargs,
     )
     set_backbone_trainable(model, not config.backbone_frozen(0))
-    if resume is not None:
-        model.load_state_dict(resume["state_dict"])
+    if resume is not None:  # the bundle's weights, and the auxiliary classifiers' kept beside them
+        model.load_state_dict({**resume["state_dict"], **resume["resume"].get("aux_heads", {})})
     model.to(device)
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
 
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
-    """Freeze or unfreeze every parameter but the head's (registry.find_head tells them apart)."""
-    head = find_head(model)
+    """Freeze or unfreeze every parameter but the heads' (registry.head_names: the head and the auxiliary
+    classifiers, which are not the backbone either)."""
+    heads = tuple(f"{head}." for head in head_names(model))
     for name, p in model.named_parameters():
-        p.requires_grad = trainable or name.startswith(head + ".")
+        p.requires_grad = trainable or name.startswith(heads)
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -206,8 +207,8 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     unfreeze epoch and --resume. The schedulers scale every group's lr by the same factor.
     """
     if config.splits_backbone:
-        head = find_head(model) + "."
-        parts = [(n.startswith(head), p) for n, p in model.named_parameters()]
+        heads = tuple(f"{head}." for head in head_names(model))
+        parts = [(n.startswith(heads), p) for n, p in model.named_parameters()]
         groups = [
             *_decay_groups([p for is_head, p in parts if is_head], config.wd, config.lr),
             *_decay_groups([p for is_head, p in parts if not is_head], config.wd, config.lr * config.backbone_lr_scale),

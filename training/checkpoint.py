@@ -3,7 +3,9 @@
 Both are written atomically (a crash leaves the old file or the new one). best.pth holds the weights
 that scored best on validation (the EMA's when there is one); last.pth holds the latest raw weights
 plus everything ``--resume`` needs to continue as if never stopped: optimizer, scheduler, scaler, EMA,
-epoch, best score, history and early-stopping count.
+epoch, best score, history and early-stopping count. Both stay servable bundles: the weights of the
+auxiliary classifiers (GoogLeNet, Inception v3) are not in their ``state_dict`` but, in last.pth, in the
+resume state (``aux_heads``), from which training goes on with them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from model.bundle import atomic_torch_save, library_versions, make_bundle, now_iso
 from model.preprocessing import Preprocessing
+from model.registry import serving_arch
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +123,11 @@ class CheckpointWriter:
         if improved:
             atomic_torch_save(bundle.to_dict(), self.best)
         last = bundle.to_dict()  # the raw weights (not the EMA's) and what --resume needs
-        last["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        raw = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        _, last["state_dict"] = serving_arch(self.fields["arch"], {}, raw)
+        aux = {k: v for k, v in raw.items() if k not in last["state_dict"]}
         rng = {"torch": torch.get_rng_state()}
         last["resume"] = {**optimisation.state_dict(), **progress.resume_state(), "rng": rng}
+        if aux:
+            last["resume"]["aux_heads"] = aux
         atomic_torch_save(last, self.last)

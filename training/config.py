@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from model.bundle import plain, read_bundle
 from model.predictor import available_cpus
 from model.preprocessing import Preprocessing
-from model.registry import pretrained_preprocessing
+from model.registry import AUXILIARY, IMAGENET_MEAN, IMAGENET_STD, check_input_size, pretrained_preprocessing
 from model.torch_predictor import resolve_device
 from model.transforms import TrainAugment
 from training import flags
@@ -270,7 +271,7 @@ def new_preprocessing(o: Mapping[str, Any], splits: Splits) -> Preprocessing:
 def input_options(o: Mapping[str, Any], prep: Preprocessing) -> dict[str, Any]:
     """The flags about the network's input, as the preprocessing settled them."""
     return {
-        "arch_kwargs": _with_image_size(o["arch"], o["arch_kwargs"], prep.crop),
+        "arch_kwargs": _with_auxiliary(o, _with_image_size(o["arch"], o["arch_kwargs"], prep.crop), prep),
         "img_size": prep.crop,
         "resize": prep.resize,
         "channels": prep.channels,
@@ -304,6 +305,39 @@ def _with_image_size(arch: str, kwargs: dict[str, Any], crop: int) -> dict[str, 
     """ViTs and EfficientNet-Lite are built for one input size: the crop's."""
     if (arch.startswith("vit_") and crop != 224) or arch.startswith("efficientnet_lite"):
         return {**kwargs, "image_size": kwargs.get("image_size", crop)}
+    return kwargs
+
+
+def _with_auxiliary(o: Mapping[str, Any], kwargs: dict[str, Any], prep: Preprocessing) -> dict[str, Any]:
+    """GoogLeNet and Inception v3: ``transform_input`` and ``aux_logits`` settled here and recorded in the
+    run's arguments, so every model built from them (resumed, evaluated, served) is the same network.
+
+    ``transform_input`` (registry._build_auxiliary says why) is on when the run starts from ImageNet
+    weights or a weights file, whose preprocessing is then torchvision's, normalised with ImageNet's
+    mean and std: the only normalisation the flag's rescaling is right for, so any other is refused with
+    it. The auxiliary classifiers train wherever the input is large enough for them (Inception v3's
+    needs 299 px; below, it is left out, and said so); ``--arch-kwargs`` can set either.
+    """
+    arch = o["arch"]
+    if arch not in AUXILIARY:
+        return kwargs
+    fits_aux = prep.crop >= AUXILIARY[arch].min_aux_size
+    if not fits_aux and "aux_logits" not in kwargs:
+        logger.info("%s trains without its auxiliary classifier: it needs %d px inputs, the crop is %d",
+                    arch, AUXILIARY[arch].min_aux_size, prep.crop)  # fmt: skip
+    loaded = o["pretrained"] != "none" or bool(o["weights_file"])
+    kwargs = {"transform_input": loaded, "aux_logits": fits_aux, **kwargs}
+    try:
+        check_input_size(arch, prep.crop, aux_logits=kwargs["aux_logits"])
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    normalisation = (*prep.mean, *prep.std)
+    imagenet = len(normalisation) == 6 and all(map(math.isclose, normalisation, (*IMAGENET_MEAN, *IMAGENET_STD)))
+    if kwargs["transform_input"] and not imagenet:
+        raise SystemExit(
+            f"{arch}: transform_input rescales inputs normalised with ImageNet's mean and std, but this run's "
+            f"preprocessing normalises with mean {list(prep.mean)} and std {list(prep.std)}: drop transform_input"
+        )
     return kwargs
 
 

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from model.registry import AUX_LOSS_WEIGHT
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,6 +31,27 @@ def _topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> int:
     k = min(k, logits.shape[1])
     top = logits.topk(k, dim=1).indices
     return int((top == targets.unsqueeze(1)).any(dim=1).sum())
+
+
+def training_loss(
+    outputs: torch.Tensor | tuple[torch.Tensor | None, ...], targets: Any, criterion: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, main logits) of a training forward pass: the one place the loss is taken.
+
+    GoogLeNet and Inception v3 return a namedtuple in train mode, the main logits first, then the
+    auxiliary classifiers' (None for one that is off): each auxiliary loss is the same ``criterion``
+    (so with MixUp/CutMix targets and with distillation too) weighted by AUX_LOSS_WEIGHT, 0.3 as in the
+    GoogLeNet paper, and added to the main one. Evaluation needs none of this: in eval mode they
+    return the main logits alone.
+    """
+    if isinstance(outputs, torch.Tensor):
+        return criterion(outputs, targets), outputs
+    logits, *aux = outputs
+    loss = criterion(logits, targets)
+    for aux_logits in aux:
+        if aux_logits is not None:
+            loss = loss + AUX_LOSS_WEIGHT * criterion(aux_logits, targets)
+    return loss, logits
 
 
 def train_one_epoch(
@@ -76,8 +99,7 @@ def train_one_epoch(
         if batch_transform is not None:
             images, targets = batch_transform(images, targets)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)
-            loss = criterion(logits, targets)
+            loss, logits = training_loss(model(images), targets, criterion)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()}; lower the learning rate or enable --clip-grad")
         optimizer.zero_grad(set_to_none=True)
