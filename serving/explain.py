@@ -94,7 +94,8 @@ class Explainers:
             cam = explain.GradCam.from_bundle(bundle, device=self._device, source=entry.name)
         except explain.ExplanationUnsupported as exc:
             logger.info("%s cannot be explained: %s", entry.name, exc)
-            return ApiError("explanation_unsupported", f"model {entry.name!r} ({bundle.arch}) cannot be explained: {exc}")
+            message = f"model {entry.name!r} ({bundle.arch}) cannot be explained: {exc}"
+            return ApiError("explanation_unsupported", message)
         self.load_seconds[entry.name] = time.perf_counter() - started
         logger.info("explainer for %s: Grad-CAM on %s (%.2fs)", entry.name, cam.layer, self.load_seconds[entry.name])
         return cam
@@ -150,4 +151,3 @@ def explain() -> Response:
         overlay_png=base64.b64encode(png).decode("ascii"),
         time_ms=round((time.perf_counter() - started) * 1000, 1),
     )
-
