@@ -199,11 +199,18 @@ def test_evaluate_writes_the_most_confident_mistakes_with_heat_maps(fashion_subs
     for (score, _, said, truth), (_, shown_said, percent, shown_truth) in zip(expected, cards, strict=True):
         assert (html.unescape(shown_said), html.unescape(shown_truth)) == (said, truth)
         assert float(percent) == pytest.approx(100 * score, abs=0.051)
+    articles = page.split("<article>")[1:]
     for rank in range(1, 7):
         pngs = [Image.open(gallery / f"{rank:04d}-{kind}.png") for kind in ("photo", "predicted", "true")]
         assert all(p.size == (140, 140) for p in pngs)  # 28 px, enlarged 5 times
         photo, said_map, true_map = (np.asarray(p.convert("RGB")).astype(int) for p in pngs)
         assert np.abs(said_map - photo).mean() > 5 and np.abs(true_map - photo).mean() > 5
+        # a map with no heat at all (nothing raised that class's score) is said so under it
+        grey = photo[::5, ::5, 0].astype(np.uint8)[np.newaxis]
+        cold = np.asarray(overlay(grey, np.zeros((28, 28), dtype=np.float32), scale=5)).astype(int)
+        captions = re.findall(r"<figcaption>(.*?)</figcaption>", articles[rank - 1])[1:]
+        for heat_map, caption in zip((said_map, true_map), captions, strict=True):
+            assert caption.startswith("nothing here raised") == np.array_equal(heat_map, cold), caption
     assert len(re.findall(r'<img src="\d{4}-(?:photo|predicted|true)\.png" alt="[^"]+">', page)) == 18
     assert "Grad-CAM on layer features" in page
 

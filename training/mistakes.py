@@ -86,12 +86,15 @@ def write_gallery(
         for j, i in enumerate(part):
             rank = start + j + 1
             files = {"photo": f"{rank:04d}-photo.png"}
+            empty: list[str] = []
             input_image(pixels[j], scale=scale).save(out / files["photo"])
             if said and truth:
                 files["predicted"] = f"{rank:04d}-predicted.png"
                 files["true"] = f"{rank:04d}-true.png"
                 overlay(pixels[j], said[j].heatmap, scale=scale).save(out / files["predicted"])
                 overlay(pixels[j], truth[j].heatmap, scale=scale).save(out / files["true"])
+                # Grad-CAM keeps only what raised the score: an all-zero map means nothing in the image did
+                empty = [k for k, e in (("predicted", said[j]), ("true", truth[j])) if not e.heatmap.any()]
             entries.append(
                 {
                     "rank": rank,
@@ -101,6 +104,7 @@ def write_gallery(
                     "score": round(float(probs[i, predicted[j]]), 6),
                     "true_score": round(float(probs[i, int(targets[i])]), 6),
                     "files": files,
+                    "empty_maps": empty,
                 }
             )
     accuracy = per_class_accuracy(confusion, class_names)
@@ -123,9 +127,14 @@ def _page(
                   "<figcaption>as the model saw it</figcaption></figure>"]  # fmt: skip
         for key, label in (("predicted", m["predicted"]), ("true", m["true"])):
             if key in m["files"]:
+                caption = (
+                    f"nothing here raised <b>{e(label)}</b>"
+                    if key in m["empty_maps"]
+                    else f"where it saw <b>{e(label)}</b>"
+                )
                 images.append(
                     f'<figure><img src="{e(m["files"][key])}" alt="heat map: where the model saw {e(label)}">'
-                    f"<figcaption>where it saw <b>{e(label)}</b></figcaption></figure>"
+                    f"<figcaption>{caption}</figcaption></figure>"
                 )
         cards.append(
             f"<article><h3>#{m['rank']}: said <b>{e(m['predicted'])}</b> ({100 * m['score']:.1f} %), "
