@@ -71,7 +71,7 @@ class Explainers:
                 self._built[name] = self._build(self._files[name])
             built = self._built[name]
         if isinstance(built, ApiError):
-            raise built
+            raise ApiError(built.code, built.message)  # a fresh one: requests on other threads raise it too
         return built
 
     def _build(self, entry: ServedFile) -> Any:
@@ -96,6 +96,9 @@ class Explainers:
             logger.info("%s cannot be explained: %s", entry.name, exc)
             message = f"model {entry.name!r} ({bundle.arch}) cannot be explained: {exc}"
             return ApiError("explanation_unsupported", message)
+        except (RuntimeError, ValueError, OSError) as exc:  # e.g. out of memory: not remembered, tried again
+            logger.exception("cannot build the explainer for %s", entry.name)
+            raise ApiError("not_ready", f"explanations of {entry.name!r} cannot be loaded now: {exc}") from None
         self.load_seconds[entry.name] = time.perf_counter() - started
         logger.info("explainer for %s: Grad-CAM on %s (%.2fs)", entry.name, cam.layer, self.load_seconds[entry.name])
         return cam
