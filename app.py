@@ -16,6 +16,7 @@ from serving.admission import Admission
 from serving.api import bp as api_blueprint
 from serving.config import admission_limit, admission_waiting_room, load_settings, request_threads
 from serving.errors import register_error_handler
+from serving.explain import install as install_explanations
 from serving.http import install_request_hooks
 from serving.metrics import Metrics
 from serving.pages import bp as pages_blueprint
@@ -40,6 +41,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     install_request_hooks(app)
     register_error_handler(app)
     app.register_blueprint(api_blueprint)
+    install_explanations(app)
     app.register_blueprint(pages_blueprint)
     return app
 

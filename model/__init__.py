@@ -16,6 +16,7 @@ Nothing here knows about Flask, gunicorn or training loops, and imports go one w
     normalization   NormalizedInput: uint8 -> normalised floats, the network's first step
     transforms      torchvision transforms for training's float batches (eval and train)
     torch_predictor TorchPredictor: the torch backend, CPU or CUDA
+    explain         GradCam: heat maps of where a network found a class (Captum), and their overlay
     export          python -m model.export: ONNX / TorchScript / int8, with a parity check
     default         python -m model.default: the offline ImageNet default bundle
 """

@@ -84,8 +84,8 @@ def predict() -> Response:
     started = time.perf_counter()
     check_api_key()
     uploads = read_uploads()
-    served = pick_model(_param("model"))
-    top_k = parse_top_k(_param("top_k"))
+    served = pick_model(request_param("model"))
+    top_k = parse_top_k(request_param("top_k"))
     outcomes = classify(served, uploads, top_k)
     time_ms = round((time.perf_counter() - started) * 1000, 1)
     if len(uploads) == 1:
@@ -148,7 +148,7 @@ def read_uploads() -> list[tuple[str, bytes]]:
     )
 
 
-def _param(name: str) -> str | None:
+def request_param(name: str) -> str | None:
     value = request.args.get(name)
     if value is None and request.mimetype == "multipart/form-data":
         value = request.form.get(name)
@@ -193,19 +193,12 @@ def classify(
     arrays: list[np.ndarray] = []
     for i, item in enumerate(opened):
         opened[i] = None  # the decoded image lives only as long as this iteration
-        if isinstance(item, ApiError):
-            outcomes.append(item)
-            continue
-        try:
-            arrays.append(_prepared(item, predictor))
+        outcome = prepared_or_error(item, predictor)
+        if isinstance(outcome, ApiError):
+            outcomes.append(outcome)
+        else:
+            arrays.append(outcome)
             outcomes.append([])
-        except ImageDecodeError as exc:
-            outcomes.append(ApiError.from_image_error(exc))
-        except (ValueError, OSError) as exc:  # a mode Pillow cannot convert (e.g. some LAB TIFFs)
-            logger.info("cannot convert an image for %s: %s", predictor.name, exc)
-            outcomes.append(ApiError("unconvertible_image", f"the image cannot be converted: {exc}"))
-        finally:
-            item.close()
     if arrays:
         try:
             probs = served.batcher.submit(np.concatenate(arrays))
@@ -246,6 +239,22 @@ def open_uploads(
         used += pixels
         opened.append(img)
     return opened
+
+
+def prepared_or_error(item: Image.Image | ApiError, predictor: Predictor) -> np.ndarray | ApiError:
+    """One opened upload (``open_uploads``) -> its model input (1, C, crop, crop), or the error to answer
+    for it; the image is closed either way."""
+    if isinstance(item, ApiError):
+        return item
+    try:
+        return _prepared(item, predictor)
+    except ImageDecodeError as exc:
+        return ApiError.from_image_error(exc)
+    except (ValueError, OSError) as exc:  # a mode Pillow cannot convert (e.g. some LAB TIFFs)
+        logger.info("cannot convert an image for %s: %s", predictor.name, exc)
+        return ApiError("unconvertible_image", f"the image cannot be converted: {exc}")
+    finally:
+        item.close()
 
 
 def _prepared(img: Image.Image, predictor: Predictor) -> np.ndarray:

@@ -66,6 +66,9 @@ DEFAULTS: dict[str, Any] = {
     # /metrics answer under any load. No limit outside gunicorn.
     "MAX_INFLIGHT": 0,
     "ADMISSION_WAIT_MS": 1000,
+    # POST /explain (a Grad-CAM heat map over the photo, from each bundle's torch model, loaded in a worker on
+    # its first /explain) and the page's "Why?" button: on | off. Off: /explain answers 404 explanations_off.
+    "EXPLAIN": "on",
 }
 
 API_KEY_MIN_LENGTH = 16
@@ -153,10 +156,25 @@ def check_config(config: MutableMapping[str, Any]) -> None:
         raise ConfigError(f"PRECISION must be one of {PRECISIONS}, not {config['PRECISION']!r}")
     if config["BACKEND"] not in BACKENDS:
         raise ConfigError(f"BACKEND must be one of {BACKENDS}, not {config['BACKEND']!r}")
+    config["EXPLAIN"] = on_or_off("EXPLAIN", config["EXPLAIN"])
     config["ONNX_DIR"] = str(config["ONNX_DIR"]) if config.get("ONNX_DIR") not in (None, "") else None
     config["MODEL_DIR"] = str(config["MODEL_DIR"])
     config["DEFAULT_MODEL"] = str(config["DEFAULT_MODEL"])
     config["API_KEY"] = valid_api_key(config.get("API_KEY"))
+
+
+ON = ("on", "true", "1", "yes")
+OFF = ("off", "false", "0", "no")
+
+
+def on_or_off(key: str, value: Any) -> bool:
+    """A switch: on/off (true/false, 1/0, yes/no; the environment's JSON gives booleans and numbers)."""
+    text = str(value).strip().lower()
+    if text in ON:
+        return True
+    if text in OFF:
+        return False
+    raise ConfigError(f"{key} must be on or off, not {value!r}")
 
 
 def valid_api_key(key: Any) -> str | None:

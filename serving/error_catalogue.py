@@ -50,7 +50,7 @@ CATALOGUE: tuple[ErrorKind, ...] = (
     ErrorKind(
         "too_many_files",
         400,
-        "more than `MAX_FILES` files",
+        "more than `MAX_FILES` files (`POST /explain`: more than one)",
         "Too many photos at once: at most {max_files} per upload.",
     ),
     ErrorKind(
@@ -78,6 +78,12 @@ CATALOGUE: tuple[ErrorKind, ...] = (
         "That model is not available any more. Reload the page to see the current list.",
     ),
     ErrorKind("not_found", 404, "no such path", http_default=True),
+    ErrorKind(
+        "explanations_off",
+        404,
+        "`POST /explain` on a server started with `FLASK_EXPLAIN=off`",
+        "Explanations are turned off on this server.",
+    ),
     ErrorKind(
         "method_not_allowed",
         405,
@@ -144,6 +150,13 @@ CATALOGUE: tuple[ErrorKind, ...] = (
         422,
         "decoded, but its pixel mode cannot be converted for the model",
         "The colours of this image cannot be converted. Try saving it as JPEG or PNG.",
+    ),
+    ErrorKind(
+        "explanation_unsupported",
+        422,
+        "`POST /explain` for a model Grad-CAM cannot explain: a transformer (ViT, Swin, MaxViT), which has no "
+        "convolutional feature map near its head",
+        "This model cannot show why: heat maps work only for convolutional networks.",
     ),
     ErrorKind(
         "request_header_fields_too_large",

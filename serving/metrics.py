@@ -80,6 +80,13 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.explanation = Histogram(
+            "imgclf_explanation_duration_seconds",
+            "Time of one Grad-CAM explanation (POST /explain: forward and backward pass, torch)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.load_seconds = Gauge(
             "imgclf_model_load_seconds",
             "Time to load and warm up a model (the slowest worker)",
@@ -98,6 +105,9 @@ class Metrics:
         self.batch_size.labels(model).observe(size)
         self.inference.labels(model).observe(seconds)
         self.images.labels(model).inc(size)
+
+    def observe_explanation(self, model: str, seconds: float) -> None:
+        self.explanation.labels(model).observe(seconds)
 
     def exposition(self) -> bytes:
         path = multiprocess_dir()

@@ -9,8 +9,12 @@ from model import version as release
 from serving.error_catalogue import SERVER_ERRORS
 
 JSON = "application/json"
-# every error /predict may answer: all but a path that does not exist
-PREDICT_ERRORS = [kind.code for kind in SERVER_ERRORS if kind.code != "not_found"]
+# the errors only /explain answers
+EXPLAIN_ONLY_ERRORS = ("explanations_off", "explanation_unsupported")
+# every error /predict may answer: all but a path that does not exist and the explanations' own
+PREDICT_ERRORS = [kind.code for kind in SERVER_ERRORS if kind.code not in ("not_found", *EXPLAIN_ONLY_ERRORS)]
+# /explain: the same, and its own (too_many_total_pixels needs several files, which it refuses before)
+EXPLAIN_ERRORS = [code for code in PREDICT_ERRORS if code != "too_many_total_pixels"] + list(EXPLAIN_ONLY_ERRORS)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -93,8 +97,49 @@ def build_openapi(config: Mapping[str, Any], model_names: list[str]) -> dict[str
             **_errors(PREDICT_ERRORS),
         },
     }
+    explain = {
+        "summary": "Classify one image and show where the model looked (Grad-CAM)",
+        "description": (
+            "The same request as /predict for one image (same limits and errors), answered by the model's torch "
+            "network whatever backend serves /predict: the top-k classes and a PNG of the model's input (the "
+            "eval crop) with a Grad-CAM heat map of the top class over it, base64 in `overlay_png`; with "
+            "`Accept: image/png`, the PNG itself. Counts against the same admission limit. Off with "
+            "`FLASK_EXPLAIN=off` (404 `explanations_off`); transformers cannot be explained (422)."
+        ),
+        "operationId": "explain",
+        "parameters": params,
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary", "description": "one image"},
+                            "model": {"type": "string"},
+                            "top_k": {"type": "integer"},
+                        },
+                    }
+                },
+                "image/*": {"schema": {"type": "string", "format": "binary"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "the predictions and the heat-map overlay (JSON), or the overlay (PNG)",
+                "content": {
+                    JSON: {"schema": _ref("Explanation")},
+                    "image/png": {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
+            **_errors(EXPLAIN_ERRORS),
+        },
+    }
     if config.get("API_KEY"):
         predict["security"] = [{"bearer": []}]
+        explain["security"] = [{"bearer": []}]
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -104,6 +149,7 @@ def build_openapi(config: Mapping[str, Any], model_names: list[str]) -> dict[str
         },
         "paths": {
             "/predict": {"post": predict},
+            "/explain": {"post": explain},
             "/healthz": {"get": _simple("Liveness: the worker answers", "Status")},
             "/version": {"get": _simple("The project's version and the image's source revision", "Version")},
             "/readyz": {
@@ -197,6 +243,28 @@ def _schemas() -> dict[str, Any]:
             "properties": {
                 "model": {"type": "string"},
                 "predictions": {"type": "array", "items": _ref("Class")},
+                "time_ms": {"type": "number"},
+            },
+        },
+        "Explanation": {
+            "type": "object",
+            "required": ["model", "predictions", "explained", "method", "layer", "overlay_png", "time_ms"],
+            "properties": {
+                "model": {"type": "string"},
+                "predictions": {"type": "array", "items": _ref("Class")},
+                "explained": {
+                    "type": "object",
+                    "description": "the class the heat map is for: the top prediction",
+                    "properties": {"label": {"type": "string"}, "index": {"type": "integer"}},
+                },
+                "method": {"type": "string", "enum": ["grad-cam"]},
+                "layer": {"type": "string", "description": "the network's layer whose feature map was used"},
+                "overlay_png": {
+                    "type": "string",
+                    "contentEncoding": "base64",
+                    "contentMediaType": "image/png",
+                    "description": "the model's input (crop x crop) with the heat map blended over it",
+                },
                 "time_ms": {"type": "number"},
             },
         },

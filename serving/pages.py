@@ -160,6 +160,7 @@ def render_page(
         upload_side=upload_sides.get(reg.default, 0),
         upload_sides=upload_sides,
         api_key_required=bool(cfg["API_KEY"]),
+        explain=cfg["EXPLAIN"],
         messages=page_messages(),
         results=results or [],
         error=error,

@@ -32,12 +32,15 @@
   // from its preprocessing on the server. A photo with fewer pixels, or a file this small, goes as it is.
   const uploadSides = JSON.parse(form.dataset.uploadSides || "{}");
   const defaultUploadSide = Number(form.dataset.uploadSide) || 0;
+  // POST /explain, when the server explains: each result card then offers "Why?" (a Grad-CAM heat map)
+  const explainUrl = form.dataset.explainUrl || "";
   const SHRINK_ABOVE_BYTES = 300 * 1024;
   const JPEG_QUALITY = 0.9;
 
   let chosen = []; // [{file, url}] in the order they were added
   let cardUrls = []; // object URLs of the thumbnails in the result cards
   let busy = false;
+  let explanations = 0; // a unique id for each card's explanation
 
   // --- small helpers
 
@@ -198,6 +201,68 @@
     fill(card, "meta", `${model} · ${Math.round(timeMs)} ms`);
   }
 
+  // --- "Why?": the photo as the model saw it, with a heat map of where it found its top class
+
+  // The same file (as it was sent, perhaps made small) and model as the classification: the heat map is
+  // of the answer shown on the card.
+  function offerWhy(card, upload, model) {
+    if (!explainUrl) return;
+    const why = slot(card, "why");
+    const figure = slot(card, "explanation");
+    explanations += 1;
+    figure.id = `explanation-${explanations}`;
+    why.setAttribute("aria-controls", figure.id);
+    fill(card, "why-context", ` Show where the model looked in ${slot(card, "name").textContent}`);
+    why.hidden = false;
+    why.addEventListener("click", () => toggleWhy(card, upload, model));
+  }
+
+  async function toggleWhy(card, upload, model) {
+    const why = slot(card, "why");
+    const figure = slot(card, "explanation");
+    if (why.getAttribute("aria-busy") === "true") return;
+    const open = why.getAttribute("aria-expanded") !== "true";
+    why.setAttribute("aria-expanded", String(open));
+    figure.hidden = !open;
+    if (!open || slot(card, "overlay").dataset.loaded) return;
+    why.setAttribute("aria-busy", "true");
+    fill(card, "caption", "Looking at where the model found its answer…");
+    try {
+      fill(card, "caption", await explain(card, upload, model));
+    } finally {
+      why.removeAttribute("aria-busy");
+    }
+  }
+
+  // Returns the caption: what the picture shows, or why there is none.
+  async function explain(card, upload, model) {
+    const body = new FormData();
+    body.append("file", upload, upload.name || "pasted-image.png");
+    body.append("model", model);
+    body.append("top_k", "1");
+    const headers = apiKey ? { Authorization: `Bearer ${apiKey.value}` } : {};
+    let response;
+    try {
+      response = await fetch(explainUrl, { method: "POST", body, headers });
+    } catch {
+      return message("network");
+    }
+    let data = null;
+    try {
+      data = await response.json();
+    } catch {
+      data = null;
+    }
+    if (!response.ok || !data || data.error || !data.overlay_png) return errorText(data && data.error, response.status);
+    const label = data.explained.label;
+    const img = slot(card, "overlay");
+    img.alt = `The photo as the model saw it, under a heat map: warm colours mark where it found “${label}”.`;
+    img.src = `data:image/png;base64,${data.overlay_png}`;
+    img.hidden = false;
+    img.dataset.loaded = "true";
+    return `Where the model looked for “${label}”: red most, blue least (Grad-CAM).`;
+  }
+
   // --- making large photos small before they travel
 
   function uploadSide() {
@@ -302,6 +367,7 @@
       const entry = entries[i];
       if (entry && entry.predictions) {
         showPredictions(job.card, entry.predictions, data.model, data.time_ms);
+        offerWhy(job.card, job.upload, data.model);
       } else {
         failed += 1;
         showCardError(job.card, errorText(entry && entry.error, (entry && entry.status) || response.status));

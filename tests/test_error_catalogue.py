@@ -13,6 +13,7 @@ import pytest
 
 from serving.error_catalogue import CATALOGUE, ERRORS, PAGE_MESSAGES, SERVER_ERRORS, markdown_table
 from serving.errors import ApiError
+from serving.openapi import EXPLAIN_ONLY_ERRORS
 from tests.support import ROOT
 from tests.support.service import closing_app
 
@@ -86,8 +87,14 @@ def test_page_and_openapi_read_the_catalogue(make_model_folder) -> None:
     assert shown["file_too_large"].endswith("the limit is 10 MB.")  # {size} is left for app.js
     responses = doc["paths"]["/predict"]["post"]["responses"]
     for kind in SERVER_ERRORS:
-        if kind.code != "not_found":
+        if kind.code not in ("not_found", *EXPLAIN_ONLY_ERRORS):
             assert f"`{kind.code}`: {kind.when}" in responses[str(kind.status)]["description"]
+    explain = doc["paths"]["/explain"]["post"]["responses"]
+    for kind in SERVER_ERRORS:
+        listed = f"`{kind.code}`: {kind.when}" in explain.get(str(kind.status), {}).get("description", "")
+        assert listed == (kind.code not in ("not_found", "too_many_total_pixels")), kind.code
+    predict_codes = {code for r in responses.values() for code in re.findall(r"`(\w+)`", r["description"])}
+    assert not set(EXPLAIN_ONLY_ERRORS) & predict_codes
     assert "`not_ready`" in doc["paths"]["/readyz"]["get"]["responses"]["503"]["description"]
     code_schema = doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]
     assert code_schema["examples"] == [kind.code for kind in SERVER_ERRORS]

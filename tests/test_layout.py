@@ -85,6 +85,7 @@ LIGHT = (
     "model.onnx_runner",
     "serving.registry",
     "serving.api",
+    "serving.explain",
     "app",
 )
 

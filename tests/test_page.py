@@ -61,7 +61,7 @@ def test_compiled_css_is_up_to_date(tmp_path: Path) -> None:
 def page_models(make_model_folder) -> Path:
     folder = make_model_folder("page-models")
     tiny_bundle(folder / "tiny.pth", TINY_CLASSES)
-    tiny_bundle(folder / "evil.pth", [EVIL_LABEL, "harmless"], seed=1)
+    tiny_bundle(folder / "evil.pth", [EVIL_LABEL, "harmless"], seed=4)  # seed 4: the hostile label comes first
     return folder
 
 
@@ -181,6 +181,7 @@ class Watched:
         self.dialogs: list[str] = []
         self.problems: list[str] = []
         self.predict_requests = 0
+        self.explain_requests = 0
         page.on("dialog", self._dialog)
         page.on("pageerror", lambda exc: self.problems.append(f"page error: {exc}"))
         page.on("console", self._console)
@@ -198,6 +199,8 @@ class Watched:
     def _request(self, request) -> None:
         if request.url.endswith("/predict"):
             self.predict_requests += 1
+        elif request.url.endswith("/explain"):
+            self.explain_requests += 1
 
 
 # Chromium hands the DevTools protocol no body for a request whose FormData holds files (they are
@@ -273,6 +276,23 @@ def percent_of_first(card) -> float:
     text = card.locator("[data-slot=percent]").first.text_content()
     assert re.fullmatch(r"\d{1,3}\.\d%", text), text
     return float(text[:-1])
+
+
+# The first /explain of a gunicorn worker loads torch and the model's explainer (ONNX workers never import
+# torch before it): seconds on a busy machine, more than the page's other steps are given.
+EXPLAIN_TIMEOUT_MS = 180_000
+
+
+def why_button(card):
+    return card.get_by_role("button", name=re.compile(r"^Why\?"))
+
+
+def open_explanation(page, card) -> None:
+    """Click the card's "Why?" and wait until its overlay image has loaded."""
+    why_button(card).click()
+    overlay = card.locator("[data-slot=overlay]")
+    overlay.wait_for(state="visible", timeout=EXPLAIN_TIMEOUT_MS)
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=overlay.element_handle())
 
 
 def assert_clean(w: Watched) -> None:
@@ -381,6 +401,40 @@ def test_too_large_is_refused_before_upload(make_page) -> None:
     assert_clean(w)
 
 
+def test_why_shows_where_the_model_looked_and_toggles(make_page, photos) -> None:
+    """Each result card's "Why?" posts the same photo to /explain and shows the heat-map overlay on the card."""
+    w = make_page()
+    page = w.page
+    choose(page, photos["chelsea"], photos["coffee"])
+    classify(page)
+    card = cards(page).first
+    label = labels_of(card)[0]
+    assert label in CAT_LABELS
+    why = why_button(card)
+    assert why_button(cards(page).nth(1)).is_visible()  # every card has its own
+    assert why.is_visible() and why.get_attribute("aria-expanded") == "false"
+    assert why.evaluate("b => b.textContent.replace(/\\s+/g, ' ').trim()").endswith("in chelsea.png")
+    figure = card.locator("[data-slot=explanation]")
+    assert figure.is_hidden() and why.get_attribute("aria-controls") == figure.get_attribute("id")
+    open_explanation(page, card)
+    assert why.get_attribute("aria-expanded") == "true" and figure.is_visible()
+    overlay = card.locator("[data-slot=overlay]")
+    assert overlay.get_attribute("src").startswith("data:image/png;base64,")
+    assert overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [224, 224]  # the model's crop
+    assert label in overlay.get_attribute("alt") and "heat map" in overlay.get_attribute("alt")
+    assert label in card.locator("[data-slot=caption]").text_content()
+    assert w.explain_requests == 1
+    # the keyboard closes it and opens it again, without asking the server twice
+    why.focus()
+    page.keyboard.press("Enter")
+    assert figure.is_hidden() and why.get_attribute("aria-expanded") == "false"
+    page.keyboard.press("Space")
+    assert figure.is_visible() and overlay.is_visible() and why.get_attribute("aria-expanded") == "true"
+    assert w.explain_requests == 1
+    assert cards(page).nth(1).locator("[data-slot=explanation]").is_hidden()  # the other card is untouched
+    assert_clean(w)
+
+
 def test_model_selector_switches_models(make_page, photos) -> None:
     w = make_page()
     page = w.page
@@ -407,6 +461,14 @@ def test_class_names_are_text_never_markup(make_page, photos) -> None:
     assert EVIL_LABEL in labels_of(cards(page).first)
     assert page.locator("#cards img:not([data-slot])").count() == 0
     page.wait_for_timeout(200)  # an onerror handler would have fired by now
+    # the explanation names the class too: as text, and inside the image's alt
+    card = cards(page).first
+    assert labels_of(card)[0] == EVIL_LABEL  # the class the heat map explains
+    open_explanation(page, card)
+    assert EVIL_LABEL in card.locator("[data-slot=caption]").text_content()
+    assert EVIL_LABEL in card.locator("[data-slot=overlay]").get_attribute("alt")
+    assert page.locator("#cards img:not([data-slot])").count() == 0
+    page.wait_for_timeout(200)
     assert_clean(w)
 
 
@@ -419,6 +481,7 @@ def test_without_javascript_the_form_still_works(make_page, photos) -> None:
     card = cards(page).first
     assert labels_of(card)[0] in CAT_LABELS
     assert percent_of_first(card) > 10
+    assert card.locator("[data-slot=why]").count() == 1 and card.locator("[data-slot=why]").is_hidden()
     # the same path with the hostile model: the class name is shown as text
     page.get_by_role("combobox", name="Model").select_option("evil")
     choose(page, photos["coffee"])
@@ -636,7 +699,8 @@ def file_labels(page) -> list[str]:
     [("desktop", 1280, 900, False), ("phone", 390, 844, False), ("desktop-dark", 1280, 900, True)],
 )
 def test_axe_finds_no_violations(make_page, photos, tmp_path: Path, name: str, width: int, height: int, dark: bool):
-    """WCAG 2.1 A/AA and axe's best practices: the empty page, photos chosen, a result and an error card."""
+    """WCAG 2.1 A/AA and axe's best practices: the empty page, photos chosen, a result and an error card,
+    an explanation open."""
     w = make_page(width=width, height=height, dark=dark)
     page = w.page
     violations = axe_violations(page)
@@ -653,6 +717,11 @@ def test_axe_finds_no_violations(make_page, photos, tmp_path: Path, name: str, w
     assert cards(page).nth(1).locator("[data-slot=error]").is_visible()
     violations = axe_violations(page)
     assert violations == [], f"a result and an error ({name}):\n{describe(violations)}"
+    open_explanation(page, cards(page).first)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"page-{name}-explained.png", full_page=True)
+    violations = axe_violations(page)
+    assert violations == [], f"an explanation open ({name}):\n{describe(violations)}"
     assert_clean(w)
 
 

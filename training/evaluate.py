@@ -2,10 +2,14 @@
 
     python -m training.evaluate --bundle runs/x/best.pth --data data/fashion-mnist [--split test] [--out DIR]
     python -m training.evaluate --bundle runs/x/best.pth --data data/fashion-mnist --calibrate
+    python -m training.evaluate --bundle runs/x/best.pth --data data/fashion-mnist --mistakes 50
 
 Writes ``metrics.json``, ``confusion.json``, ``confusion.png`` and ``reliability.png`` to ``--out`` (default:
 next to the bundle, in ``eval-<split>/``). The images go through the bundle's own eval transform; scores
 are ``softmax(logits / T)`` with the bundle's temperature, as the predictor serves them.
+
+``--mistakes N`` also writes ``mistakes/index.html``: the N most confident mistakes with Grad-CAM heat
+maps of the class said and the true one, and the accuracy of each class (``training.mistakes``).
 
 ``--calibrate`` first fits T on the validation split of ``--data`` (carved out exactly as training.train
 did, from the split fractions and seed in the bundle's record, so the test split stays unseen) and
@@ -32,6 +36,7 @@ from model.transforms import build_eval_transform
 from training.calibration import ECE_BINS, calibration_report, fit_temperature
 from training.data import VAL_NAMES, ImageListDataset, Sample, Splits, find_splits, scan_any
 from training.engine import evaluate, per_class_metrics
+from training.mistakes import write_gallery
 from training.plots import plot_confusion, plot_reliability
 
 logger = logging.getLogger("training.evaluate")
@@ -47,8 +52,10 @@ def write_report(
     batch_size: int = 128,
     workers: int = 0,
     split: str = "test",
+    mistakes: int = 0,
 ) -> dict[str, Any]:
-    """Evaluate ``samples`` (labels indexed like the bundle's classes) and write the report files."""
+    """Evaluate ``samples`` (labels indexed like the bundle's classes) and write the report files; with
+    ``mistakes``, also the gallery of that many most confident mistakes (``out/mistakes/``)."""
     class_names = list(bundle.class_names)
     dataset = ImageListDataset(samples, build_eval_transform(bundle.preprocessing))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
@@ -68,6 +75,12 @@ def write_report(
         "calibration": calibration,
     }
     out.mkdir(parents=True, exist_ok=True)
+    if mistakes:
+        gallery = write_gallery(
+            model, bundle, samples, result.logits.numpy(), confusion.tolist(), out / "mistakes", mistakes, device=device
+        )
+        metrics["per_class_accuracy"] = gallery["per_class_accuracy"]
+        metrics["mistakes"] = {"shown": len(gallery["mistakes"]), "gallery": str(out / "mistakes" / "index.html")}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "confusion.json").write_text(
         json.dumps({"class_names": class_names, "matrix": confusion.tolist()}, indent=None)
@@ -179,10 +192,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fit a softmax temperature on the validation split and store it in the bundle first",
     )
+    p.add_argument(
+        "--mistakes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write mistakes/index.html: the N most confident mistakes with Grad-CAM heat maps, and "
+        "per-class accuracy (default: %(default)s = none)",
+    )
     return p
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.mistakes < 0:
+        raise SystemExit("--mistakes must be 0 or more")
     device = resolve_device(args.device)
     configure_threads(args.threads)
     bundle, model = load_bundle(args.bundle)
@@ -219,6 +242,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         workers=args.workers,
         split=split,
+        mistakes=args.mistakes,
     )
     logger.info(
         "%s on %s (%d images): top-1 %.4f  top-5 %.4f  macro-F1 %.4f  ECE %.4f (T = %.3f); report in %s",
