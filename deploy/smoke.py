@@ -21,7 +21,8 @@ With ``--container NAME`` it also checks, through the docker CLI, what only the 
   revision given with ``--revision`` and the licence, as GET /version does.
 
 With ``--stress`` it then sends what the production envelope must survive: a worst-case input (a 40 MP
-16-bit greyscale PNG, ~80 KB on the wire) and a burst of concurrent predictions; every answer must be a
+16-bit greyscale PNG, ~80 KB on the wire) and a burst of concurrent predictions and explanations (these load
+torch into every worker: the envelope must hold that too); every answer must be a
 200, a 413 (over the image's pixel limits) or a 503 ``busy`` (admission control), and the service must
 still be live and ready afterwards. docker-check then reports whether the container was OOM-killed or
 restarted, and fails if it was: run it with ``DOCKER_RUN_ENV="--memory ... --cpus 2"``.
@@ -35,6 +36,7 @@ Prints what it got; exits 1 on the first failed check.
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
@@ -158,6 +160,16 @@ def run(base: str, image: Path, ready_timeout: float, expect_model: str | None =
         )
     check(top in CATS, f"top answer for chelsea.png is {top!r}, not a cat ({', '.join(sorted(CATS))})")
 
+    with image.open("rb") as f:
+        response = requests.post(f"{base}/explain", files={"file": (image.name, f, "image/png")}, timeout=120)
+    print(f"POST /explain {image.name} -> {response.status_code}")
+    check(response.status_code == 200, f"/explain is not 200: {response.text[:300]}")
+    explained = response.json()
+    overlay = base64.b64decode(explained["overlay_png"])
+    print(f"  explained {explained['explained']['label']!r} at {explained['layer']}, overlay {len(overlay):,} bytes")
+    check(explained["explained"]["label"] in CATS, f"/explain explained {explained['explained']!r}, not a cat")
+    check(overlay.startswith(b"\x89PNG"), "/explain's overlay_png is not a PNG")
+
     metrics = requests.get(f"{base}/metrics", timeout=5)
     samples = [line for line in metrics.text.splitlines() if line.startswith("imgclf_images_total")]
     print(f"GET /metrics -> {metrics.status_code}; {'; '.join(samples)}")
@@ -213,7 +225,8 @@ def worst_case_png() -> bytes:
 
 
 def stress(base: str, image: Path, burst: int) -> None:
-    """The worst-case input, then ``burst`` concurrent predictions; the service must stay up and ready."""
+    """The worst-case input, then ``burst`` concurrent requests (every fourth an explanation, so that every
+    worker holds its torch explainer too); the service must stay up and ready."""
     allowed = {200, 413, 503}
     body = worst_case_png()
     started = time.perf_counter()
@@ -223,8 +236,9 @@ def stress(base: str, image: Path, burst: int) -> None:
     check(got.status_code in allowed, f"the worst-case input got {got.status_code}: {got.text[:300]}")
     photo = image.read_bytes()
 
-    def one(_: int) -> int:
-        response = requests.post(f"{base}/predict", files={"file": (image.name, photo, "image/png")}, timeout=120)
+    def one(i: int) -> int:
+        route = "/explain" if i % 4 == 0 else "/predict"
+        response = requests.post(f"{base}{route}", files={"file": (image.name, photo, "image/png")}, timeout=120)
         if response.status_code == 503:
             check(response.json()["error"]["code"] == "busy" and "Retry-After" in response.headers, "a 503 not 'busy'")
         return response.status_code

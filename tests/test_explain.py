@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -325,6 +326,29 @@ def test_concurrent_explanations_load_once_and_keep_to_their_own_photo(app, phot
     text = app.test_client().get("/metrics").get_data(as_text=True)
     assert metric_samples(text, "imgclf_explanation_duration_seconds_count")['{model="default"}'] >= 8
     assert metric_samples(text, "imgclf_http_requests_total")['{endpoint="/explain",method="POST",status="200"}'] >= 8
+
+
+def test_explanations_run_on_one_thread_of_their_own(app, photos, monkeypatch) -> None:
+    """Gradients are computed on the explainers' own thread, whichever request thread took the request:
+    with the worker's allocator keeping freed memory, each thread's heap arena would otherwise keep an
+    explanation's worth of it (serving/explain.py)."""
+    from model.explain import GradCam
+
+    threads: list[str] = []
+    real = GradCam.explain
+
+    def recording(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GradCam, "explain", recording)
+
+    def explain(_: int) -> int:
+        return post(app.test_client(), "/explain", photos["chelsea"].read_bytes()).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(explain, range(8))) == [200] * 8
+    assert len(threads) == 8 and len(set(threads)) == 1 and threads[0].startswith("explain")
 
 
 def test_explain_counts_against_the_admission_limit(model_dir: Path, photos) -> None:
