@@ -329,7 +329,11 @@ def render_transfer(data: dict[str, Any]) -> list[str]:
     ]
     header = ["images/class", "recipe", "network", "px", "training images", "epochs", "test top-1", "best val top-1",
               "wall, min"]  # fmt: skip
-    return lines + table(header, rows)
+    lines += table(header, rows)
+    done = {(r["images_per_class"], r["recipe"]) for r in data["rows"]}
+    missing = [f"{recipe} at {size}" for size in map(int, data["args"]["sizes"].split(","))
+               for recipe in data["args"]["recipes"].split(",") if (size, recipe) not in done]  # fmt: skip
+    return lines + (["", f"Not measured (the run was stopped before): {', '.join(missing)}."] if missing else [])
 
 
 @dataclass(frozen=True)
