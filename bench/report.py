@@ -95,6 +95,10 @@ def cold_start_command(data: dict[str, Any]) -> str:
     return module_command("bench.cold_start", data["args"], COLD_START_QUICK_SETS)
 
 
+def transfer_command(data: dict[str, Any]) -> str:
+    return module_command("bench.transfer", data["args"], set())  # --quick sets no argument, only the runs
+
+
 def soak_command(data: dict[str, Any]) -> str:
     """bench/soak.py records its settings as results, not as ``args``: the flags that reproduce them."""
     from bench.soak import get_args_parser
@@ -311,6 +315,27 @@ def render_soak(data: dict[str, Any]) -> list[str]:
     return table(["", ""], rows)
 
 
+def render_transfer(data: dict[str, Any]) -> list[str]:
+    rows = [[r["images_per_class"], r["recipe"], r["arch"], r["img_size"], r["train_images"],
+             r["epochs"] if r["unfreeze_at"] is None else f"{r['epochs']} (all from {r['unfreeze_at']})",
+             f"{r['test_top1'] * 100:.2f} %", f"{r['best_val_top1'] * 100:.2f} %", f"{r['wall_seconds'] / 60:.1f}"]
+            for r in data["rows"]]  # fmt: skip
+    first = data["rows"][0]
+    lines = [
+        f"Seed {first['seed']}; every run validates on the same {first['val_images']} images and is scored on the "
+        f"same {first['test_images']} test images ({data['test_sample']} of Fashion-MNIST's test split); wall "
+        "time: training, validation and the test evaluation.",
+        "",
+    ]
+    header = ["images/class", "recipe", "network", "px", "training images", "epochs", "test top-1", "best val top-1",
+              "wall, min"]  # fmt: skip
+    lines += table(header, rows)
+    done = {(r["images_per_class"], r["recipe"]) for r in data["rows"]}
+    missing = [f"{recipe} at {size}" for size in map(int, data["args"]["sizes"].split(","))
+               for recipe in data["args"]["recipes"].split(",") if (size, recipe) not in done]  # fmt: skip
+    return lines + (["", f"Not measured (the run was stopped before): {', '.join(missing)}."] if missing else [])
+
+
 @dataclass(frozen=True)
 class Section:
     render: Callable[[dict[str, Any]], list[str]]
@@ -323,6 +348,7 @@ SECTIONS = {
     "model": Section(render_model, model_command),
     "cold_start": Section(render_cold_start, cold_start_command),
     "soak": Section(render_soak, soak_command),
+    "transfer": Section(render_transfer, transfer_command),
 }
 
 # ---------------------------------------------------------------- files and the page

@@ -48,7 +48,7 @@ def test_every_generated_section_has_a_committed_result() -> None:
     assert {b for b in report.SECTIONS if report.newest_result(b, files) is None} == set()
 
 
-@pytest.mark.parametrize("bench", ["serve", "model", "cold_start"])
+@pytest.mark.parametrize("bench", ["serve", "model", "cold_start", "transfer"])
 def test_the_command_named_for_a_result_parses_back_to_its_recorded_arguments(bench: str) -> None:
     data = json.loads(report.newest_result(bench, committed_results()).read_text())
     argv = shlex.split(report.SECTIONS[bench].command(data))
@@ -56,7 +56,7 @@ def test_the_command_named_for_a_result_parses_back_to_its_recorded_arguments(be
     module = __import__(f"bench.{bench}", fromlist=["get_args_parser"])
     parsed = vars(module.get_args_parser().parse_args(argv[3:]))
     quick_sets = {"serve": report.SERVE_QUICK_SETS, "model": report.model_quick_sets(),
-                  "cold_start": report.COLD_START_QUICK_SETS}[bench]  # fmt: skip
+                  "cold_start": report.COLD_START_QUICK_SETS, "transfer": set()}[bench]  # fmt: skip
     for key, value in data["args"].items():
         if key == "json" or (data["args"].get("quick") and key in quick_sets):
             continue

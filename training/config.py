@@ -46,6 +46,7 @@ class TrainConfig:
     data: str
     val_split: float
     test_split: float
+    per_class: int | None
     img_size: int
     resize: int
     channels: int
@@ -195,7 +196,11 @@ class TrainConfig:
 def splits_for(options: Mapping[str, Any]) -> Splits:
     """The train/val/test samples ``options`` (flag names, defaults for the missing ones) describe."""
     o = {**flags.defaults(), **options}
-    return find_splits(o["data"], val_split=o["val_split"], test_split=o["test_split"], seed=o["seed"])
+    if o["per_class"] is not None and o["per_class"] < 1:
+        raise SystemExit(f"--per-class {o['per_class']}: must be 1 or more (images of each class to train on)")
+    return find_splits(
+        o["data"], val_split=o["val_split"], test_split=o["test_split"], seed=o["seed"], per_class=o["per_class"]
+    )
 
 
 def check_fine_tuning(o: Mapping[str, Any]) -> None:

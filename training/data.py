@@ -114,8 +114,36 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
     return sorted(keep), sorted(taken)
 
 
-def find_splits(root: str | Path, *, val_split: float = 0.1, test_split: float = 0.1, seed: int = 0) -> Splits:
-    """Work out the layout of ``root`` and return train/val/test samples with one class order."""
+def per_class_subset(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
+    """At most ``limit`` samples of every class, drawn at random by ``seed``.
+
+    Each class is shuffled once by the seed and its first ``limit`` samples kept, so that with one seed
+    the subset for a smaller limit lies inside the subset for a larger one: a learning curve adds
+    images to the same ones rather than drawing new ones at each size.
+    """
+    if limit < 1:
+        raise ValueError(f"per-class limit {limit}: must be 1 or more")
+    rng = random.Random(seed)  # noqa: S311 - reproducible sampling, not security
+    by_class: dict[int, list[Sample]] = {}
+    for s in sorted(samples):
+        by_class.setdefault(s[1], []).append(s)
+    kept: list[Sample] = []
+    for label in sorted(by_class):
+        items = by_class[label]
+        rng.shuffle(items)
+        kept += items[:limit]
+    return sorted(kept)
+
+
+def find_splits(
+    root: str | Path, *, val_split: float = 0.1, test_split: float = 0.1, seed: int = 0, per_class: int | None = None
+) -> Splits:
+    """Work out the layout of ``root`` and return train/val/test samples with one class order.
+
+    ``per_class`` keeps at most that many training images of each class (``per_class_subset``), after the
+    validation and test images are set aside: those stay the same whatever the limit, so runs on
+    subsets of different sizes are scored on the same images.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such data folder")
@@ -136,6 +164,8 @@ def find_splits(root: str | Path, *, val_split: float = 0.1, test_split: float =
         class_names, samples = scan_any(root)
         rest, test = stratified_split(samples, test_split, seed + 1)
         train, val = stratified_split(rest, val_split / (1 - test_split) if test_split else val_split, seed)
+    if per_class is not None:
+        train = per_class_subset(train, per_class, seed + 2)
     if not class_names or not train:
         raise ValueError(f"{root}: found no labelled images (see the data layouts in docs/training.md)")
     if len(class_names) < 2:

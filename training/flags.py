@@ -27,6 +27,14 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-split", type=float, default=0.1, help="fraction held out for validation when no val/ folder")
     g.add_argument("--test-split", type=float, default=0.1, help="fraction held out for testing when no test/ folder")
     g.add_argument(
+        "--per-class",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on at most N images of each class, drawn by --seed (small-data runs and learning curves;"
+        " validation and test splits stay whole; a smaller N keeps a subset of a larger N's images)",
+    )
+    g.add_argument(
         "--img-size",
         type=int,
         default=None,
