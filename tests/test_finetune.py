@@ -97,6 +97,26 @@ def test_two_phase_fine_tuning_of_a_pretrained_network(photo_folder: Path, tmp_p
     assert read_bundle(out / "best.pth").training["args"]["unfreeze_at"] == 2
 
 
+def test_keep_norm_stats_fine_tunes_with_the_pretrained_norm_statistics(photo_folder: Path, tmp_path: Path) -> None:
+    """--keep-norm-stats: after --unfreeze-at the backbone's weights and BatchNorm scales train, but every
+    BatchNorm layer keeps (and normalises with) the ImageNet running statistics it started from; without
+    the flag the same run moves them (the test above)."""
+    out = tmp_path / "run"
+    run_train("--data", str(photo_folder), "--out", str(out), "--arch", "efficientnet_lite0", "--img-size", "32",
+              "--epochs", "2", "--batch-size", "48", "--opt", "adamw", "--lr", "0.002", "--sched", "none",
+              "--unfreeze-at", "2", "--backbone-lr-scale", "0.1", "--keep-norm-stats", "--quiet", "--workers", "0",
+              "--seed", "1")  # fmt: skip
+    imagenet = build_model("efficientnet_lite0", num_classes=5, pretrained="imagenet", image_size=32).state_dict()
+    tuned = read_bundle(out / "last.pth").state_dict
+    stats = [k for k in imagenet if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) > 50
+    for key in stats:
+        assert torch.equal(tuned[key], imagenet[key]), f"{key} moved under --keep-norm-stats"
+    scales = [k for k in imagenet if k.startswith("_bn") and k.endswith(".weight")]
+    assert scales and all(not torch.equal(tuned[k], imagenet[k]) for k in scales), "BatchNorm scales did not train"
+    assert json.loads((out / "args.json").read_text())["keep_norm_stats"] is True
+
+
 @pytest.mark.parametrize("sched", ["cosine", "step", "plateau"])
 def test_every_schedule_keeps_the_backbone_at_its_scale_of_the_head_lr(
     fashion_subset: Path, tmp_path: Path, sched: str

@@ -257,7 +257,8 @@ def test_every_recipe_file_loads_and_the_default_recipe_is_the_flags_defaults() 
     loaded = {name: recipes.load_recipe(recipes.recipe_path(name)) for name in names}
     defaults = flags.defaults()
     assert loaded["default"] and all(defaults[k] == v for k, v in loaded["default"].items()), loaded["default"]
-    assert loaded["small"] == {"arch": "simple_cnn", "epochs": 10, "cache": True, "channels_last": True}
+    assert loaded["small"] == {"arch": "simple_cnn", "epochs": 12, "val_split": 0.05, "cache": True, "batch_aug": True,
+                              "channels_last": True}  # fmt: skip
     assert loaded["long"]["arch_kwargs"] == {"width": 64, "tta_hflip": True} and loaded["long"]["batch_aug"] is True
     assert loaded["distilled"]["distill_alpha"] == 0.9 and loaded["distilled"]["distill_from"].endswith("best.pth")
 

@@ -63,6 +63,7 @@ class TrainConfig:
     freeze_backbone: bool
     unfreeze_at: int | None
     backbone_lr_scale: float
+    keep_norm_stats: bool
     init_from: str | None
     keep_zeros: bool
     distill_from: str | None

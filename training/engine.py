@@ -71,18 +71,23 @@ def train_one_epoch(
     progress: bool = True,
     description: str = "train",
     freeze_norm: bool = False,
+    keep_norm_stats: bool = False,
 ) -> EpochResult:
     """Train for one pass over ``loader``; accuracy counts hard labels (before MixUp/CutMix).
 
     ``freeze_norm``: norm layers whose parameters are frozen keep their running statistics (feature
-    extraction must not drift the backbone through BatchNorm either). ``amp_dtype``: the autocast type
-    (float16 on CUDA, with ``scaler``; bfloat16 needs no scaler); None trains in full precision.
+    extraction must not drift the backbone through BatchNorm either). ``keep_norm_stats``: every
+    BatchNorm layer does, and normalises with them in training too, trainable or not (--keep-norm-stats:
+    once a pretrained backbone is unfrozen, small batches' own statistics would otherwise replace the
+    ones the head was trained on, and its accuracy collapses; Keras's fine-tuning advice).
+    ``amp_dtype``: the autocast type (float16 on CUDA, with ``scaler``; bfloat16 needs no scaler); None
+    trains in full precision.
     """
     model.train()
-    if freeze_norm:
+    if freeze_norm or keep_norm_stats:
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-                p.requires_grad for p in module.parameters()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+                keep_norm_stats or not any(p.requires_grad for p in module.parameters())
             ):
                 module.eval()
     total_loss = 0.0

@@ -125,6 +125,7 @@ def run_epoch(
         progress=progress_bars,
         description=f"epoch {epoch + 1}/{config.epochs}",
         freeze_norm=config.backbone_frozen(epoch),
+        keep_norm_stats=config.keep_norm_stats,
     )
     train = session.average(train)
     val, _ = evaluate(eval_model, parts.loaders.val, session.device, num_classes=parts.num_classes,

@@ -114,6 +114,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="the backbone's learning rate is lr x this (the head keeps lr); e.g. 0.1 for fine-tuning",
     )
     g.add_argument(
+        "--keep-norm-stats",
+        action=SWITCH,
+        default=False,
+        help="BatchNorm layers keep the running statistics they started from and use them in training too"
+        " (their scale and shift still train): fine-tuning a pretrained network on small batches of"
+        " another domain without the batch statistics replacing what the head learnt",
+    )
+    g.add_argument(
         "--init-from",
         default=None,
         help="start from a bundle: its architecture, arguments, preprocessing and weights (e.g. a pruned bundle)",
