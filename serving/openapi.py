@@ -21,6 +21,26 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def _image_body(file_schema: dict[str, Any]) -> dict[str, Any]:
+    """The request body /predict and /explain take: multipart ``file`` (as ``file_schema``) with ``model``
+    and ``top_k``, or the image itself as the body."""
+    binary = {"type": "string", "format": "binary"}
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": file_schema, "model": {"type": "string"}, "top_k": {"type": "integer"}},
+                }
+            },
+            "image/*": {"schema": binary},
+            "application/octet-stream": {"schema": binary},
+        },
+    }
+
+
 def _errors(codes: list[str]) -> dict[str, Any]:
     """One response per status, described (a Markdown list) by the catalogue's entries for ``codes``."""
     lines: dict[str, list[str]] = {}
@@ -65,30 +85,15 @@ def build_openapi(config: Mapping[str, Any], model_names: list[str]) -> dict[str
         ),
         "operationId": "predict",
         "parameters": params,
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {
-                            "file": {
-                                "description": "one image, or several `file` fields",
-                                "oneOf": [
-                                    {"type": "string", "format": "binary"},
-                                    {"type": "array", "items": {"type": "string", "format": "binary"}},
-                                ],
-                            },
-                            "model": {"type": "string"},
-                            "top_k": {"type": "integer"},
-                        },
-                    }
-                },
-                "image/*": {"schema": {"type": "string", "format": "binary"}},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            },
-        },
+        "requestBody": _image_body(
+            {
+                "description": "one image, or several `file` fields",
+                "oneOf": [
+                    {"type": "string", "format": "binary"},
+                    {"type": "array", "items": {"type": "string", "format": "binary"}},
+                ],
+            }
+        ),
         "responses": {
             "200": {
                 "description": "predictions (one file) or one result per file, in order (several files)",
@@ -108,24 +113,7 @@ def build_openapi(config: Mapping[str, Any], model_names: list[str]) -> dict[str
         ),
         "operationId": "explain",
         "parameters": params,
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {
-                            "file": {"type": "string", "format": "binary", "description": "one image"},
-                            "model": {"type": "string"},
-                            "top_k": {"type": "integer"},
-                        },
-                    }
-                },
-                "image/*": {"schema": {"type": "string", "format": "binary"}},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            },
-        },
+        "requestBody": _image_body({"type": "string", "format": "binary", "description": "one image"}),
         "responses": {
             "200": {
                 "description": "the predictions and the heat-map overlay (JSON), or the overlay (PNG)",

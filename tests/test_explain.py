@@ -30,12 +30,12 @@ from model.torch_predictor import TorchPredictor
 from serving.admission import EXTENSION as ADMISSION
 from serving.config import ConfigError
 from serving.explain import EXTENSION as EXPLAINERS
-from serving.prepare import prepare_models
 from tests.support import ROOT
 from tests.support.bundles import tiny_bundle
 from tests.support.images import image_bytes, png_header_only
 from tests.support.photos import CAT_LABELS
 from tests.support.service import closing_app, metric_samples
+from tests.test_pixels import onnx_worker_manifest
 from training import evaluate, prepare_fashion_mnist, recipes, train
 
 SMALL = Preprocessing(resize=64, crop=64, mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -412,9 +412,7 @@ def test_a_bundle_changed_since_the_start_is_not_explained(model_dir: Path, tmp_
 
 def test_an_onnx_worker_imports_torch_only_on_its_first_explanation(default_bundle, tmp_path: Path) -> None:
     """A gunicorn worker's path (the master's manifest): lean for /predict, torch loaded by /explain."""
-    manifest = prepare_models({"BACKEND": "onnx", "DEVICE": "cpu", "MODEL_DIR": str(default_bundle.parent),
-                               "DEFAULT_MODEL": "default", "ONNX_DIR": None})  # fmt: skip
-    path = manifest.write(tmp_path / "models.json")
+    path = onnx_worker_manifest(default_bundle.parent, tmp_path)
     script = (
         "import sys, json\n"
         "from app import create_app\n"

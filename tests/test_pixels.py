@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,12 +89,16 @@ def test_the_served_export_answers_as_the_torchvision_path_did(default_bundle, p
     assert np.abs(after - before).max() < 5e-3  # a grey level up or down on a few pixels
 
 
-def test_an_onnx_worker_never_imports_torch(default_bundle, tmp_path) -> None:
-    """What a gunicorn worker does with the master's manifest: create the app, answer a photo."""
-    folder = default_bundle.parent
+def onnx_worker_manifest(folder: Path, tmp_path: Path) -> Path:
+    """The manifest gunicorn's master writes for ``folder`` on the ONNX backend (what a worker starts from)."""
     manifest = prepare_models({"BACKEND": "onnx", "DEVICE": "cpu", "MODEL_DIR": str(folder),
                                "DEFAULT_MODEL": "default", "ONNX_DIR": None})  # fmt: skip
-    path = manifest.write(tmp_path / "models.json")
+    return manifest.write(tmp_path / "models.json")
+
+
+def test_an_onnx_worker_never_imports_torch(default_bundle, tmp_path) -> None:
+    """What a gunicorn worker does with the master's manifest: create the app, answer a photo."""
+    path = onnx_worker_manifest(default_bundle.parent, tmp_path)
     script = (
         "import sys, json\n"
         "from app import create_app\n"
