@@ -8,8 +8,6 @@ import html
 import io
 import json
 import re
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,12 +28,11 @@ from model.torch_predictor import TorchPredictor
 from serving.admission import EXTENSION as ADMISSION
 from serving.config import ConfigError
 from serving.explain import EXTENSION as EXPLAINERS
-from tests.support import ROOT
 from tests.support.bundles import tiny_bundle
 from tests.support.images import image_bytes, png_header_only
 from tests.support.photos import CAT_LABELS
 from tests.support.service import closing_app, metric_samples
-from tests.test_pixels import onnx_worker_manifest
+from tests.test_pixels import onnx_worker_manifest, run_as_worker
 from training import evaluate, prepare_fashion_mnist, recipes, train
 
 SMALL = Preprocessing(resize=64, crop=64, mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -425,11 +422,6 @@ def test_an_onnx_worker_imports_torch_only_on_its_first_explanation(default_bund
         "print(json.dumps({'before': before, 'status': r.status_code, 'label': r.get_json()['explained']['label'],\n"
         "                  'after': 'torch' in sys.modules and 'captum' in sys.modules}))\n"
     )
-    env = {"IMGCLF_MANIFEST": str(path), "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_as_worker(script, path)
     assert out["before"] == [200, []]
     assert out["status"] == 200 and out["label"] in CAT_LABELS and out["after"] is True

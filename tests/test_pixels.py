@@ -96,6 +96,17 @@ def onnx_worker_manifest(folder: Path, tmp_path: Path) -> Path:
     return manifest.write(tmp_path / "models.json")
 
 
+def run_as_worker(script: str, manifest: Path) -> dict:
+    """``script`` in a fresh interpreter set up as a gunicorn worker is (the master's manifest in
+    IMGCLF_MANIFEST, nothing else imported); the JSON its last line prints."""
+    env = {"IMGCLF_MANIFEST": str(manifest), "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_an_onnx_worker_never_imports_torch(default_bundle, tmp_path) -> None:
     """What a gunicorn worker does with the master's manifest: create the app, answer a photo."""
     path = onnx_worker_manifest(default_bundle.parent, tmp_path)
@@ -109,12 +120,7 @@ def test_an_onnx_worker_never_imports_torch(default_bundle, tmp_path) -> None:
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))\n"
         "print(json.dumps({'status': r.status_code, 'top': r.get_json()['predictions'][0]['label'], 'heavy': heavy}))\n"
     )
-    env = {"IMGCLF_MANIFEST": str(path), "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_as_worker(script, path)
     assert out["status"] == 200 and out["top"] in {"tabby", "tiger cat", "Egyptian cat"}
     assert out["heavy"] == []
 
