@@ -15,17 +15,16 @@ the overlay as base64 PNG (``overlay_png``), or the PNG itself for ``Accept: ima
 from __future__ import annotations
 
 import base64
-import hashlib
 import importlib
 import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
+from model.files import file_sha256
 from model.predictor import softmax
 from serving.admission import admitted
 from serving.api import (
@@ -88,15 +87,13 @@ class Explainers:
 
     def _build(self, entry: ServedFile) -> Any:
         started = time.perf_counter()
-        data = Path(entry.bundle).read_bytes()
-        if hashlib.sha256(data).hexdigest() != entry.bundle_sha256:
+        if file_sha256(entry.bundle) != entry.bundle_sha256:
             # not remembered: the answer is right until the service restarts with the new file
             raise ApiError(
                 "not_ready",
                 f"the bundle of {entry.name!r} changed after the service checked it at start; restart the "
                 "service to explain (and serve) the new file",
             )
-        del data
         torch_predictor = importlib.import_module("model.torch_predictor")  # torch, from here on
         explain = importlib.import_module("model.explain")
         bundle = importlib.import_module("model.bundle").read_bundle(entry.bundle)
