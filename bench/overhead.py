@@ -1,18 +1,25 @@
 """The service's own CPU per request, outside decode and model: what one worker process can carry
-before its GIL, not the cores, is the limit.
+before its GIL, not the cores, is the limit; and beside it, the least any gunicorn + WSGI server pays.
 
-    python -m bench.overhead [--requests 2000] [--clients 8]
+    python -m bench.overhead [--requests 2000] [--clients 8] [--rounds 3]
 
 One worker with one model thread serves a trivial bundle (a one-stage ``simple_cnn`` of width 1 on
 8 x 8 pixels) and the clients send an 8 x 8 PNG: decode and model then cost next to nothing, and what
 the worker's CPU time per request measures is HTTP parsing, multipart, admission, batching, the JSON
 answer, logging and metrics. CPU time is read from /proc for the worker alone (the clients and the
 master are not counted). The scaling note in docs/performance.md is computed from this figure.
+
+In the same run, rounds interleaved and the other servers paused, the same load goes to the two floors
+of bench/baselines/floor_apps.py under gunicorn's gthread worker with an access log (as the service):
+``bare``, a WSGI callable that reads the body and answers a fixed JSON (gunicorn's HTTP handling alone),
+and ``flask``, the smallest Flask view that reads ``request.files["file"]``. No server built on these
+can spend less per request than they do, which bounds the share of the machine's limit it can reach.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -29,7 +36,7 @@ import torch
 from PIL import Image
 
 from bench.common import write_results
-from bench.serve import drive, multipart
+from bench.serve import drive, multipart, paused
 from model.bundle import make_bundle, save_bundle
 from model.registry import build_model
 from serving.launcher import GunicornServer, worker_pids
@@ -42,6 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="The service's own CPU per request (trivial model, tiny image).")
     p.add_argument("--requests", type=int, default=2000, help="requests measured (default: %(default)s)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per server, interleaved (default: %(default)s)")
     p.add_argument("--json", default=None, help="results file (default: bench/results/overhead-<time>.json)")
     p.add_argument(
         "--profile",
@@ -93,46 +101,79 @@ def py_spy_profile(port: int, bodies: list[Any], args: argparse.Namespace, worke
     return {"samples": total, "top": top}
 
 
+FLOORS = {"bare": "bench.baselines.floor_apps:bare", "flask": "bench.baselines.floor_apps:flask"}
+
+
+def floor_server(name: str, log_path: Path) -> GunicornServer:
+    """A floor app under gunicorn's gthread worker: one process, the service's request threads, access log."""
+    return GunicornServer(None, log_path, app=FLOORS[name], config=None, name=name,
+                          args=["-k", "gthread", "--threads", "24", "-w", "1", "--access-logfile", "-"])  # fmt: skip
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     png = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 30, 30)).save(png, "PNG")
     bodies = [multipart("tiny.png", png.getvalue(), "image/png")]
-    with tempfile.TemporaryDirectory() as tmp:
+    per_round = max(1, args.requests // args.rounds)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         folder = Path(tmp) / "models"
         folder.mkdir()
         trivial_bundle(folder / "default.pth")
         env = {"FLASK_TORCH_THREADS": "1", "GUNICORN_LOGLEVEL": "warning"}
-        with GunicornServer(folder, Path(tmp) / "server.log", workers=1, env=env) as server:
-            assert server.proc is not None
-            workers = worker_pids(server.proc.pid)
-            drive(server.port, bodies, args.clients, 200)  # warm
-            before = cpu_seconds(workers)
-            started = time.perf_counter()
-            load = drive(server.port, bodies, args.clients, args.requests)
-            wall = time.perf_counter() - started
-            cpu = cpu_seconds(workers) - before
-            profile = py_spy_profile(server.port, bodies, args, workers) if args.profile else None
-    ok = len(load["latencies"])
-    per_request_ms = 1000 * cpu / max(1, ok)
+        service = stack.enter_context(GunicornServer(folder, Path(tmp) / "server.log", workers=1, env=env))
+        servers = [service] + [stack.enter_context(floor_server(n, Path(tmp) / f"{n}.log")) for n in FLOORS]
+        cells: dict[str, dict[str, Any]] = {s.name: {"cpu": 0.0, "wall": 0.0, "ok": 0, "errors": {}} for s in servers}
+        for server in servers:
+            with paused([o for o in servers if o is not server]):
+                drive(server.port, bodies, args.clients, 200)  # warm
+        for rnd in range(args.rounds):
+            for server in servers if rnd % 2 == 0 else servers[::-1]:
+                assert server.proc is not None
+                workers = worker_pids(server.proc.pid)
+                with paused([o for o in servers if o is not server]):
+                    before, started = cpu_seconds(workers), time.perf_counter()
+                    load = drive(server.port, bodies, args.clients, per_round)
+                    cell = cells[server.name]
+                    cell["wall"] += time.perf_counter() - started
+                    cell["cpu"] += cpu_seconds(workers) - before
+                    cell["ok"] += len(load["latencies"])
+                    for kind, n in load["errors"].items():
+                        cell["errors"][kind] = cell["errors"].get(kind, 0) + n
+        assert service.proc is not None
+        with paused(servers[1:]):
+            profile = (
+                py_spy_profile(service.port, bodies, args, worker_pids(service.proc.pid)) if args.profile else None
+            )
+    measured = {
+        name: {
+            "answered": c["ok"],
+            "errors": c["errors"],
+            "req_per_s": round(c["ok"] / c["wall"], 1),
+            "worker_cpu_ms_per_request": round(1000 * c["cpu"] / max(1, c["ok"]), 3),
+        }
+        for name, c in cells.items()
+    }
+    ours = measured["service"]
     result = {
         "requests": args.requests,
-        "answered": ok,
-        "errors": load["errors"],
+        "rounds": args.rounds,
+        "answered": ours["answered"],
+        "errors": ours["errors"],
         "clients": args.clients,
-        "req_per_s": round(ok / wall, 1),
-        "worker_cpu_ms_per_request": round(per_request_ms, 3),
-        "one_process_ceiling_req_per_s": round(1000 / per_request_ms, 1),
+        "req_per_s": ours["req_per_s"],
+        "worker_cpu_ms_per_request": ours["worker_cpu_ms_per_request"],
+        "one_process_ceiling_req_per_s": round(1000 / ours["worker_cpu_ms_per_request"], 1),
+        "floors": {name: measured[name] for name in FLOORS},
         "profile": profile,
     }
     path = write_results("overhead", result, args.json)
     print(json.dumps({k: v for k, v in result.items() if k != "profile"}, indent=1))  # noqa: T201
     for row in (profile or {}).get("top", [])[:40]:
         print(f"{row['share']:6.1%}  {row['function']}")  # noqa: T201
-    print(  # noqa: T201
-        f"| worker CPU per request (trivial model, 8x8 PNG) | {result['worker_cpu_ms_per_request']} ms |\n"
-        f"| one process at most (1 / that) | {result['one_process_ceiling_req_per_s']} req/s |\n"
-        f"| measured with {args.clients} clients | {result['req_per_s']} req/s |\nwrote {path}"
-    )
+    print("| server | worker CPU per request, ms | req/s |\n|---|---|---|")  # noqa: T201
+    for name, m in measured.items():
+        print(f"| {name} | {m['worker_cpu_ms_per_request']} | {m['req_per_s']} |")  # noqa: T201
+    print(f"wrote {path}")  # noqa: T201
     return result
 
 

@@ -171,10 +171,17 @@ def limit_lines(data: dict[str, Any]) -> list[str]:
     runs = lim["measurements"]
     rows = [[w, e["pipeline"], f"{e['decode_img_s']:.1f} ({runs[0]['workloads'][w]['project']['decode']['processes']})",
              f"{lim['model_img_s']:.1f}", f"{e['limit_img_s']:.1f}"] for w, e in lim["workloads"].items()]  # fmt: skip
-    best = ", ".join(f"batch {m['model']['best_batch']}" for m in runs)
+    best = ", ".join(f"{m['model'].get('layout', 'one process on all cores')} at batch {m['model']['best_batch']}"
+                     for m in runs)  # fmt: skip
+    layouts = "; ".join(
+        ", ".join(f"{o['layout']} {o['img_s']:.1f} img/s" for o in m["model"]["layouts"])
+        for m in runs if m["model"].get("layouts")
+    )  # fmt: skip
     return [
         f"The machine's limit (`bench/limit.py`; median of {len(runs)} measurement(s) in this run): model alone "
-        f"with ONNX Runtime on all cores, {lim['model_input']} input, best at {best}; 1 / (1/decode + 1/model).",
+        f"with ONNX Runtime on all cores, {lim['model_input']} input, best layout and batch: {best}"
+        + (f" (layouts measured: {layouts})" if layouts else "")
+        + "; 1 / (1/decode + 1/model).",
         "",
         *table(
             [

@@ -11,6 +11,7 @@ from typing import IO, Any
 from flask import Flask, Request, Response, current_app, g, request
 
 from serving.metrics import OTHER, Metrics
+from serving.multipart import InMemoryFormDataParser
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -47,8 +48,11 @@ DEFAULT_CSP = content_security_policy()
 class InMemoryRequest(Request):
     """Uploaded files stay in memory: Werkzeug would spool parts over 500 KB to a temporary file.
 
-    The body is already capped by MAX_CONTENT_LENGTH (10 MB by default), so memory stays bounded.
+    The body is already capped by MAX_CONTENT_LENGTH (10 MB by default), so memory stays bounded; a
+    multipart body is read whole and parsed in one pass (``serving.multipart``).
     """
+
+    form_data_parser_class = InMemoryFormDataParser
 
     def _get_file_stream(
         self,

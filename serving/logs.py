@@ -10,7 +10,9 @@ gunicorn.conf.py sets up for the app's own loggers) has the ``EscapeControl`` fi
 from __future__ import annotations
 
 import logging
+import os
 import re
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from gunicorn import glogging
@@ -66,10 +68,93 @@ def escape_handlers(logger: logging.Logger) -> None:
             handler.addFilter(EscapeControl())
 
 
+class LazyAtoms(Mapping[str, Any]):
+    """gunicorn's access-log atoms, each computed when the format asks for it.
+
+    gunicorn's own ``atoms`` builds all of them for every request (twenty, plus one per request header,
+    response header and environ variable, then a quoted copy of them all), which costs more than the
+    line the format writes. The values, the escaped double quotes, the case-insensitive header names
+    and the ``-`` for a missing atom are gunicorn's (``SafeAtoms``); a test compares the two on every atom.
+    """
+
+    __slots__ = ("_logger", "_resp", "_req", "_environ", "_time")
+
+    def __init__(self, logger: glogging.Logger, resp: Any, req: Any, environ: dict[str, Any], request_time: Any):
+        self._logger, self._resp, self._req, self._environ, self._time = logger, resp, req, environ, request_time
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._value(key.lower() if key.startswith("{") else key)
+        return value.replace('"', '\\"') if isinstance(value, str) else value
+
+    def __iter__(self) -> Iterator[str]:  # what `logging` needs to see a mapping; the format names its keys
+        return iter(_ATOMS)
+
+    def __len__(self) -> int:
+        return len(_ATOMS)
+
+    def _value(self, key: str) -> Any:
+        if key in _ATOMS:
+            return _ATOMS[key](self)
+        if key.startswith("{") and key.endswith(("}i", "}o", "}e")):
+            name, kind = key[1:-2], key[-1]
+            if kind == "e":
+                pairs = self._environ.items()
+            else:
+                holder = self._req if kind == "i" else self._resp
+                pairs = getattr(holder, "headers", holder)
+                pairs = pairs.items() if hasattr(pairs, "items") else pairs
+            found = "-"
+            for k, v in pairs:  # the last one wins, as in gunicorn's dict
+                if k.lower() == name:
+                    found = v
+            return found
+        return "-"
+
+    def _status(self) -> Any:
+        status = self._resp.status
+        return status.split(None, 1)[0] if isinstance(status, str) else status
+
+    def _sent(self) -> Any:
+        return getattr(self._resp, "sent", None)
+
+
+def _env(name: str, default: Any = None) -> Any:
+    return lambda a: a._environ.get(name, default)
+
+
+_ATOMS: dict[str, Any] = {
+    "h": _env("REMOTE_ADDR", "-"),
+    "l": lambda a: "-",
+    "u": lambda a: a._logger._get_user(a._environ) or "-",
+    "t": lambda a: a._logger.now(),
+    "r": lambda a: f"{a._environ['REQUEST_METHOD']} {a._environ['RAW_URI']} {a._environ['SERVER_PROTOCOL']}",
+    "s": LazyAtoms._status,
+    "m": _env("REQUEST_METHOD"),
+    "U": _env("PATH_INFO"),
+    "q": _env("QUERY_STRING"),
+    "H": _env("SERVER_PROTOCOL"),
+    "b": lambda a: a._sent() is not None and str(a._sent()) or "-",
+    "B": LazyAtoms._sent,
+    "f": _env("HTTP_REFERER", "-"),
+    "a": _env("HTTP_USER_AGENT", "-"),
+    "T": lambda a: a._time.seconds,
+    "D": lambda a: a._time.seconds * 1000000 + a._time.microseconds,
+    "M": lambda a: a._time.seconds * 1000 + int(a._time.microseconds / 1000),
+    "L": lambda a: f"{a._time.seconds}.{a._time.microseconds:06d}",
+    "p": lambda a: f"<{os.getpid()}>",
+}
+
+
 class EscapingLogger(glogging.Logger):
-    """gunicorn's logger (``logger_class`` in gunicorn.conf.py) whose access and error lines are escaped."""
+    """gunicorn's logger (``logger_class`` in gunicorn.conf.py) whose access and error lines are escaped,
+    and whose access atoms are computed only as the format needs them (``LazyAtoms``)."""
+
+    atoms_wrapper_class = staticmethod(lambda atoms: atoms)  # LazyAtoms already quotes like SafeAtoms
 
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)  # also on a configuration reload, which makes new handlers
         escape_handlers(self.error_log)
         escape_handlers(self.access_log)
+
+    def atoms(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> Mapping[str, Any]:
+        return LazyAtoms(self, resp, req, environ, request_time)

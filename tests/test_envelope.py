@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import socket
 from pathlib import Path
@@ -214,3 +215,52 @@ def test_gunicorn_logs_carry_no_forged_line(server: GunicornServer) -> None:
     assert re.search(r'"GET /\\nfake-line HTTP/1.1" 404 ', log), log[-3000:]
     assert re.search(r"GET /\\nfake-line -> 404 not_found", log), log[-3000:]
     assert '"GET /\\x1b[2Jfake-line HTTP/1.1" 404' in log and "/\\u2028fake-line" in log
+
+
+# --- the access log's atoms: computed lazily, the same values as gunicorn's own
+
+
+def test_lazy_access_atoms_equal_gunicorn_safe_atoms() -> None:
+    import datetime
+    from types import SimpleNamespace
+
+    from gunicorn import glogging
+    from gunicorn.config import Config
+
+    from serving.logs import EscapingLogger, LazyAtoms
+
+    logger = EscapingLogger(Config())
+    environ = {"REMOTE_ADDR": "10.0.0.7", "REQUEST_METHOD": "POST", "RAW_URI": "/predict?top_k=2",
+               "PATH_INFO": "/predict", "QUERY_STRING": "top_k=2", "SERVER_PROTOCOL": "HTTP/1.1",
+               "HTTP_USER_AGENT": 'curl/8 "quoted"', "HTTP_AUTHORIZATION": "Basic dXNlcjpwdw=="}  # fmt: skip
+    req = SimpleNamespace(headers=[("USER-AGENT", 'curl/8 "quoted"'), ("X-Trace", "a"), ("X-Trace", "b")])
+    resp = SimpleNamespace(status="200 OK", sent=1234, headers=[("Content-Type", "application/json"),
+                                                                ("X-Request-ID", "r-42")])  # fmt: skip
+    took = datetime.timedelta(seconds=1, microseconds=23456)
+    theirs = glogging.SafeAtoms(glogging.Logger.atoms(logger, resp, req, environ, took))
+    ours = logger.atoms(resp, req, environ, took)
+    assert isinstance(ours, LazyAtoms)
+    keys = [k for k in theirs if not k.startswith("{")] + ["{X-Request-ID}o", "{x-trace}i", "{user-agent}i",
+            "{remote_addr}e", "{missing}i", "{missing}o", "nope"]  # fmt: skip
+    for key in keys:
+        if key == "t":  # the time of the call: the same format, maybe another second
+            assert re.fullmatch(r"\[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\]", ours[key])
+            continue
+        assert ours[key] == theirs[key], key
+    assert set(ours) >= {"h", "s", "b", "M"} and len(ours) > 0
+    fmt = '%(h)s %(u)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s" id=%({x-request-id}o)s %(p)s'
+    assert logging.LogRecord("a", 20, "", 0, fmt, (ours,), None).getMessage() == (
+        f'10.0.0.7 user "POST /predict?top_k=2 HTTP/1.1" 200 1234 1023ms "curl/8 \\"quoted\\"" id=r-42 <{os.getpid()}>'
+    )
+
+
+def test_gunicorn_access_line(server: GunicornServer) -> None:
+    upload = multipart(b"cat.png", png())
+    upload["headers"] = {**upload["headers"], "User-Agent": "envelope-test/1"}
+    r = requests.post(server.url("/predict"), timeout=30, **upload)
+    assert r.status_code == 200, r.text
+    rid = r.headers["X-Request-ID"]
+    line = next(line for line in server.log().splitlines() if f"id={rid}" in line)
+    pattern = rf'^127\.0\.0\.1 \[[^]]+\] "POST /predict HTTP/1\.1" 200 {len(r.content)} \d+ms "envelope-test/1" '
+    pattern += rf"id={rid}$"
+    assert re.match(pattern, line), line
