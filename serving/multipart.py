@@ -25,15 +25,17 @@ from werkzeug.http import parse_options_header
 # python-multipart logs a warning for every malformed body; a client's bad body is answered (by Werkzeug's
 # parser, which then decides, and logs nothing), it is not something for the operator to act on
 logging.getLogger("python_multipart").setLevel(logging.ERROR)
-_HEADER_LIMIT = 500 * 1024  # Werkzeug's default MAX_FORM_MEMORY_SIZE; the body is capped anyway
+_HEADER_LIMIT = 500 * 1024  # Werkzeug's default MAX_FORM_MEMORY_SIZE, when none is set
+_HEADER_COUNT = 64  # headers per part read here; a part with more goes to Werkzeug's parser
 _CHARSETS = MultiPartParser()  # only for Werkzeug's choice of a text field's charset (get_part_charset)
 
 
 class _Part:
-    __slots__ = ("headers", "chunks", "size")
+    __slots__ = ("headers", "header_bytes", "chunks", "size")
 
     def __init__(self) -> None:
         self.headers: list[tuple[str, str]] = []
+        self.header_bytes = 0
         self.chunks: list[bytes] = []
         self.size = 0
 
@@ -49,6 +51,10 @@ def parse_multipart(
     """(form fields, files) of a whole multipart body; ValueError when it is malformed."""
     if not boundary:
         raise ValueError("Missing boundary")
+    # Werkzeug bounds a part's header block only by MAX_FORM_MEMORY_SIZE (413 beyond it); python-multipart's
+    # defaults (8 headers of 4 KB) would turn away what Werkzeug takes (a long file name), so its header
+    # size follows that bound and the bytes of all a part's headers are counted against it too.
+    header_limit = max_form_memory_size or _HEADER_LIMIT
     parts: list[_Part] = []
     field: list[bytes] = []
     value: list[bytes] = []
@@ -60,8 +66,12 @@ def parse_multipart(
         parts.append(_Part())
 
     def header_end() -> None:
+        part = parts[-1]
+        part.header_bytes += sum(map(len, field)) + sum(map(len, value))
+        if part.header_bytes > header_limit:  # Werkzeug's bound on a part's header block, and its answer
+            raise RequestEntityTooLarge()
         name, text = b"".join(field).decode(), b"".join(value).decode()  # UTF-8, as Werkzeug decodes them
-        parts[-1].headers.append((name.strip(" \t"), text.strip(" \t")))
+        part.headers.append((name.strip(" \t"), text.strip(" \t")))
         field.clear()
         value.clear()
 
@@ -78,10 +88,7 @@ def parse_multipart(
         "on_part_data": part_data,
         "on_end": lambda: ended.append(True),
     }
-    # Werkzeug bounds a part's headers only by MAX_FORM_MEMORY_SIZE; python-multipart's defaults (8
-    # headers of 4 KB) would turn away what Werkzeug takes (a long file name), so they follow that bound.
-    header_limit = max_form_memory_size or _HEADER_LIMIT
-    parser = MultipartParser(boundary, callbacks, max_header_count=_HEADER_LIMIT, max_header_size=header_limit)
+    parser = MultipartParser(boundary, callbacks, max_header_count=_HEADER_COUNT, max_header_size=header_limit)
     start = body.find(b"--" + boundary)  # a preamble (Werkzeug's test client writes a line break) is skipped
     parser.write(body[start:] if start > 0 else body)
     parser.finalize()

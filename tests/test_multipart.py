@@ -91,6 +91,8 @@ ODD = {
     "raw_field_too_large": raw(part("note", b"n" * 500_001)),
     "raw_file_larger_than_field_limit": raw(part("file", b"n" * 600_000, "big.bin")),
     "raw_headers_too_large": raw(part("file", b"x", "a" * 600_000)),
+    "raw_many_small_headers": raw(part("file", b"x", "a.png", *[b"X-%d: %s" % (i, b"v" * 90) for i in range(6000)])),
+    "raw_some_extra_headers": raw(part("file", b"x", "a.png", *[b"X-%d: v" % i for i in range(100)])),
     "raw_headers_only": raw(b'Content-Disposition: form-data; name="file"; filename="a"'),
     "raw_empty_body": (b"", f"multipart/form-data; boundary={B.decode()}"),
 }
@@ -122,6 +124,7 @@ def test_limits_answer_413_like_werkzeug() -> None:
     assert outcome(InMemoryFormDataParser, *ODD["raw_field_too_large"]) == "413"
     assert outcome(InMemoryFormDataParser, *ODD["raw_file_larger_than_field_limit"]) != "413"  # files: no field limit
     assert outcome(InMemoryFormDataParser, *ODD["raw_headers_too_large"]) == "413"
+    assert outcome(InMemoryFormDataParser, *ODD["raw_many_small_headers"]) == "413"  # 600 KB of headers in all
 
 
 def test_a_latin1_field_is_decoded_as_latin1() -> None:
