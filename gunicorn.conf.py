@@ -21,7 +21,9 @@ The choices, and why:
   command line or in GUNICORN_CMD_ARGS.
 - Each worker makes glibc keep freed memory (serving/allocator.py, in post_fork: mmap and trim thresholds
   raised, checked with a probe): otherwise glibc returns large freed blocks to the kernel and every
-  batched forward pass faults its activations back in.
+  batched forward pass faults its activations back in. And it caps glibc's arenas at one per model thread
+  plus the main one (MALLOC_ARENA_MAX, when set, wins), so that the request threads do not each keep the
+  peak of their own photos.
 - bind 127.0.0.1:8000: local only. $PORT (as Cloud Run and Heroku give it) changes the port and
   $IMGCLF_HOST the host (the image sets 0.0.0.0); a --bind on the command line or in GUNICORN_CMD_ARGS
   wins over both.
@@ -156,7 +158,9 @@ def post_fork(server, worker):
         os.environ["FLASK_TORCH_THREADS"] = str(model_threads(available_cpus(), server.num_workers))
     # the default admission limit (FLASK_MAX_INFLIGHT, serving/config.py) keeps some of these for probes
     os.environ["IMGCLF_REQUEST_THREADS"] = str(server.cfg.threads)
-    tune_glibc_malloc()
+    # one malloc arena per model thread, and the main one: request threads do not each keep their own peak
+    model_threads_here = int(os.environ["FLASK_TORCH_THREADS"]) if os.environ["FLASK_TORCH_THREADS"].isdigit() else 1
+    tune_glibc_malloc(arena_max=max(1, model_threads_here) + 1)
 
 
 def child_exit(server, worker):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -154,3 +158,18 @@ def test_malloc_keeps_freed_memory_on_glibc() -> None:
     result = tune_glibc_malloc()
     assert result == {"mmap_threshold": True, "trim_threshold": True, "probe_mmapped": False}
     assert mmap_probe() is False
+
+
+def test_malloc_arena_cap_is_taken_unless_the_environment_sets_one() -> None:
+    """glibc takes the arena cap post_fork asks for, in a fresh process; MALLOC_ARENA_MAX, when set, wins."""
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    code = "import json; from serving import allocator; print(json.dumps(allocator.tune_glibc_malloc(arena_max=2)))"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=60)
+    assert json.loads(ours.stdout)["arena_max"] is True
+    theirs = subprocess.run([sys.executable, "-c", code], env={**env, "MALLOC_ARENA_MAX": "4"}, capture_output=True,
+                            text=True, check=True, timeout=60)  # fmt: skip
+    assert json.loads(theirs.stdout)["arena_max"] is None
